@@ -1,0 +1,43 @@
+// Schemas of the native chunk kernels: the one place they are declared.
+//
+// Each op runs the sequential part of one layer over one chunk, with the contract of
+// fastbptt/reference.py (the oracle): tensors in processing order, contiguous, one dtype;
+// `valid` is an optional [C, B] bool mask (invalid steps keep the state, write zero output and
+// get no gate gradient). Implementations: csrc/cpu/ (CPU key), csrc/cuda/ (CUDA key).
+//
+//   rnn : pre_in [C,B,H] = x W_ih^T + b_ih + b_hh
+//   gru : gi [C,B,3H] = x W_ih^T + b_ih, gh [C,B,3H] = h_prev W_hh^T + b_hh
+//   lstm: gates_in [C,B,4H] = x W_ih^T + b_ih + b_hh; gates = gates_in + h_prev W_hh^T;
+//         w_hr [P,H] optional projection, h has P columns (P = H without it)
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastbptt, m) {
+  // -> h_n [B,H]; writes out [C,B,H]
+  m.def("rnn_forward_chunk(Tensor pre_in, Tensor h0, Tensor w_hh, Tensor? valid, Tensor(a!) out, bool relu) -> Tensor");
+  // -> (grad_pre [C,B,H], grad_h0 [B,H])
+  m.def("rnn_backward_chunk(Tensor out, Tensor w_hh, Tensor grad_out, Tensor grad_h_n, Tensor? valid, bool relu) "
+        "-> (Tensor, Tensor)");
+  // -> h_n [B,H]; writes out [C,B,H] and, when given, gh_out [C,B,3H]
+  m.def("gru_forward_chunk(Tensor gi, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? valid, Tensor(a!) out, "
+        "Tensor(b!)? gh_out) -> Tensor");
+  // -> (grad_gi [C,B,3H], grad_gh [C,B,3H], grad_h0 [B,H])
+  m.def("gru_backward_chunk(Tensor gi, Tensor gh, Tensor h_prev, Tensor w_hh, Tensor grad_out, Tensor grad_h_n, "
+        "Tensor? valid) -> (Tensor, Tensor, Tensor)");
+  // -> (h_n [B,P], c_n [B,H]); writes out [C,B,P] and, when given, gates_out [C,B,4H]
+  m.def("lstm_forward_chunk(Tensor gates_in, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor? valid, "
+        "Tensor(a!) out, Tensor(b!)? gates_out) -> (Tensor, Tensor)");
+  // -> (grad_gates [C,B,4H], grad_h0 [B,P], grad_c0 [B,H], grad_w_hr [P,H] or empty)
+  m.def("lstm_backward_chunk(Tensor gates, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor grad_out, "
+        "Tensor grad_h_n, Tensor grad_c_n, Tensor? valid) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+// Importing fastbptt._C runs the registrations above and in csrc/cpu, csrc/cuda.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastbptt native kernels (registered as torch.ops.fastbptt.*_chunk)";
+#ifdef FASTBPTT_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

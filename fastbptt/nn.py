@@ -1,0 +1,204 @@
+"""Drop-in replacements for ``torch.nn.RNN``, ``torch.nn.GRU`` and ``torch.nn.LSTM``.
+
+Each class subclasses its ``torch.nn`` twin, so constructor arguments, parameters (names,
+shapes, order, initialisation), ``state_dict``, ``repr`` and argument checks are torch's own;
+only ``forward`` is replaced, by layers of :func:`fastbptt.ops.recurrent_layer`. Extra
+keyword-only arguments: ``chunk_size`` (steps recomputed together in the backward),
+``recompute`` (the memory policy) and ``backend``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from . import cells, dispatch
+from .ops import DEFAULT_CHUNK_SIZE, check_chunk_size, recurrent_layer
+
+
+class _FusedRNNMixin:
+    """Shared forward for the three module types. ``self`` is a ``torch.nn.RNNBase``."""
+
+    def _init_fastbptt(self, chunk_size: int, backend: str, recompute: bool) -> None:
+        self.chunk_size = check_chunk_size(chunk_size)
+        dispatch.check_backend_name(backend)
+        if not isinstance(recompute, bool):
+            raise TypeError(f"recompute should be of type bool, got: {type(recompute).__name__}")
+        self.backend = backend
+        self.recompute = recompute
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if self.chunk_size != DEFAULT_CHUNK_SIZE:
+            s += f", chunk_size={self.chunk_size}"
+        if not self.recompute:
+            s += ", recompute=False"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
+        return s
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input, hx=None):
+        lstm = self.mode == "LSTM"
+        name = type(self).__name__
+        packed = isinstance(input, PackedSequence)
+        num_directions = 2 if self.bidirectional else 1
+        out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        if packed:
+            sorted_indices, unsorted_indices = input.sorted_indices, input.unsorted_indices
+            # padded [T, B, I] in sorted order, like the packed data
+            x, lengths = pad_packed_sequence(PackedSequence(input.data, input.batch_sizes))
+            lengths = lengths.to(torch.int64)
+            batch, is_batched, batch_dim, checked = x.shape[1], True, 1, input.data
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D input instead")
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            x = input if is_batched else input.unsqueeze(batch_dim)
+            checked = x
+            if self.batch_first:
+                x = x.transpose(0, 1)
+            sorted_indices = unsorted_indices = lengths = None
+            batch = x.shape[1]
+            if hx is not None:
+                self._check_hx_dims(hx, is_batched)
+                if not is_batched:
+                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1)) if lstm else hx.unsqueeze(1)
+        if hx is None:
+            zeros = x.new_zeros(self.num_layers * num_directions, batch, out_size)
+            hx = (zeros, x.new_zeros(self.num_layers * num_directions, batch, self.hidden_size)) if lstm else zeros
+        else:
+            hx = self.permute_hidden(hx, sorted_indices)
+        # torch's own checks, for torch's own messages (input size, hidden sizes, dtype)
+        self.check_forward_args(checked, hx, input.batch_sizes if packed else None)
+        x, hx = self._autocast(x, hx)
+        self._check_state_dtype_device(x, hx)
+
+        output, h_n, c_n = self._run_layers(x, hx, lengths)
+        if packed:
+            data = pack_padded_sequence(output, lengths, enforce_sorted=True).data
+            output = PackedSequence(data, input.batch_sizes, sorted_indices, unsorted_indices)
+        else:
+            if self.batch_first:
+                output = output.transpose(0, 1)
+            if not is_batched:
+                output = output.squeeze(batch_dim)
+                h_n = h_n.squeeze(1)
+                c_n = c_n.squeeze(1) if lstm else None
+        hidden = (h_n, c_n) if lstm else h_n
+        return output, self.permute_hidden(hidden, unsorted_indices)
+
+    def _check_hx_dims(self, hx, is_batched: bool) -> None:
+        """The same checks and messages as torch.nn for batched vs unbatched hx."""
+        want, kind = (3, "batched 3-D") if is_batched else (2, "unbatched 2-D")
+        if self.mode != "LSTM":
+            if hx.dim() != want:
+                raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got {hx.dim()}-D tensor")
+            return
+        if not (isinstance(hx, tuple) and len(hx) == 2):
+            raise TypeError(f"LSTM expects hx as a tuple (h_0, c_0), got {type(hx).__name__}")
+        if hx[0].dim() != want or hx[1].dim() != want:
+            raise RuntimeError(f"For {kind} input, hx and cx should also be {want}-D but got "
+                               f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+
+    def _autocast(self, x: Tensor, hx):
+        """Under autocast, run in the autocast dtype as torch.nn's RNNs do."""
+        device_type = x.device.type
+        if not torch.is_autocast_enabled(device_type):
+            return x, hx
+        dtype = torch.get_autocast_dtype(device_type)
+        cast = (lambda t: t.to(dtype))
+        return cast(x), (tuple(map(cast, hx)) if isinstance(hx, tuple) else cast(hx))
+
+    def _check_state_dtype_device(self, x: Tensor, hx) -> None:
+        weight = self._flat_weights[0]
+        for label, state in zip(("hx", "cx"), hx if isinstance(hx, tuple) else (hx,)):
+            if state.dtype != x.dtype:
+                raise RuntimeError(f"Expected {label} to have dtype {x.dtype} like the input, got {state.dtype}")
+            if state.device != x.device:
+                raise RuntimeError(f"Expected {label} on device {x.device} like the input, got {state.device}")
+        if weight.device != x.device:
+            raise RuntimeError(f"Input and parameter tensors are not on the same device: input on {x.device}, "
+                               f"parameters on {weight.device}")
+
+    def _layer_weights(self, index: int, dtype: torch.dtype):
+        names = self._all_weights[index]
+        params = [getattr(self, n) for n in names]
+        params = [p.to(dtype) if p.dtype != dtype else p for p in params]  # autocast only
+        w_ih, w_hh = params[0], params[1]
+        b_ih, b_hh = (params[2], params[3]) if self.bias else (None, None)
+        w_hr = params[-1] if self.proj_size > 0 else None
+        return w_ih, w_hh, b_ih, b_hh, w_hr
+
+    def _run_layers(self, x: Tensor, hx, lengths: Optional[Tensor]):
+        """x: [T, B, I] time-major. Returns (output [T, B, D*P], h_n [L*D, B, P], c_n [L*D, B, H] or None)."""
+        lstm = self.mode == "LSTM"
+        cell = cells.CELL_OF_MODE[self.mode]
+        h0, c0 = hx if lstm else (hx, None)
+        num_directions = 2 if self.bidirectional else 1
+        h_n, c_n = [], []
+        layer_input = x
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(num_directions):
+                index = layer * num_directions + direction
+                w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_weights(index, x.dtype)
+                result = recurrent_layer(
+                    cell, layer_input, h0[index], w_ih, w_hh, b_ih, b_hh,
+                    cx=c0[index] if lstm else None, weight_hr=w_hr, lengths=lengths, reverse=direction == 1,
+                    chunk_size=self.chunk_size, recompute=self.recompute, backend=self.backend)
+                outputs.append(result[0])
+                h_n.append(result[1])
+                if lstm:
+                    c_n.append(result[2])
+            layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, -1)
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        return layer_input, torch.stack(h_n), (torch.stack(c_n) if lstm else None)
+
+
+def _fused(torch_cls: type) -> type:
+    """Builds the fastbptt subclass of a torch.nn RNN class."""
+
+    class Fused(_FusedRNNMixin, torch_cls):
+        def __init__(self, *args, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str = "auto",
+                     recompute: bool = True, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._init_fastbptt(chunk_size, backend, recompute)
+
+    Fused.__name__ = Fused.__qualname__ = torch_cls.__name__
+    Fused.__module__ = __name__
+    Fused.__doc__ = (f"Drop-in ``torch.nn.{torch_cls.__name__}`` running on fastbptt's fused kernels.\n\n"
+                     f"Takes every argument of ``torch.nn.{torch_cls.__name__}`` plus the keyword-only "
+                     "``chunk_size`` (steps recomputed together in the backward), ``recompute`` (True: keep "
+                     "only the outputs and chunk-boundary states; False: also keep the gate pre-activations, "
+                     "faster backward, more memory) and ``backend`` (" + ", ".join(dispatch.CHOICES) + ").")
+    return Fused
+
+
+RNN = _fused(nn.RNN)
+GRU = _fused(nn.GRU)
+LSTM = _fused(nn.LSTM)
+
+_FUSED_OF = {nn.RNN: RNN, nn.GRU: GRU, nn.LSTM: LSTM}
+
+
+def convert(model: nn.Module, *, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str = "auto",
+            recompute: bool = True) -> nn.Module:
+    """Replaces every ``torch.nn`` RNN/GRU/LSTM inside ``model`` by its fastbptt twin, in place.
+
+    The modules keep their parameter objects (so weights, device, dtype, ``requires_grad`` and
+    any optimizer holding them are untouched); only the forward changes. Returns ``model``.
+    """
+    check_chunk_size(chunk_size)
+    dispatch.check_backend_name(backend)
+    for module in model.modules():
+        fused_cls = _FUSED_OF.get(type(module))
+        if fused_cls is not None:
+            module.__class__ = fused_cls
+            module._init_fastbptt(chunk_size, backend, recompute)
+    return model

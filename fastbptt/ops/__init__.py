@@ -1,0 +1,97 @@
+"""Layer-level entry point over the custom ops: validates arguments and picks the backend.
+
+``recurrent_layer`` runs one layer, one direction, over a time-major sequence; the modules in
+:mod:`fastbptt.nn` stack it into layers and directions.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import cells, dispatch
+from . import library  # noqa: F401  (registers torch.ops.fastbptt.*)
+from .recurrence import chunk_bounds, valid_mask  # noqa: F401
+
+DEFAULT_CHUNK_SIZE = 32
+
+
+def check_chunk_size(chunk_size) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size should be of type int, got: {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer (steps recomputed together), got {chunk_size}")
+    return chunk_size
+
+
+def _check_tensor(name: str, t: Optional[Tensor], shape: tuple, x: Tensor) -> None:
+    if t is None:
+        return
+    if tuple(t.shape) != tuple(shape):
+        raise RuntimeError(f"Expected {name} size {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dtype != x.dtype:
+        raise RuntimeError(f"Expected {name} to have dtype {x.dtype} like the input, got {t.dtype}")
+    if t.device != x.device:
+        raise RuntimeError(f"Expected {name} on device {x.device} like the input, got {t.device}")
+
+
+def check_lengths(lengths: Optional[Tensor], steps: int, batch: int) -> None:
+    if lengths is None:
+        return
+    if lengths.dtype != torch.int64 or lengths.dim() != 1 or lengths.shape[0] != batch:
+        raise RuntimeError(f"Expected lengths to be a 1-D int64 tensor of size {batch}, "
+                           f"got {lengths.dtype} of shape {tuple(lengths.shape)}")
+    if not torch.compiler.is_compiling() and lengths.numel() and (
+            int(lengths.min()) < 1 or int(lengths.max()) > steps):
+        raise ValueError(f"lengths must lie in [1, {steps}] (the padded sequence length), "
+                         f"got min {int(lengths.min())} and max {int(lengths.max())}")
+
+
+def recurrent_layer(cell: str, x: Tensor, hx: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+                    bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None, *,
+                    cx: Optional[Tensor] = None, weight_hr: Optional[Tensor] = None,
+                    lengths: Optional[Tensor] = None, reverse: bool = False,
+                    chunk_size: int = DEFAULT_CHUNK_SIZE, recompute: bool = True, backend: str = "auto"):
+    """One recurrent layer in one direction.
+
+    x: [T, B, I]; hx: [B, P]; cx: [B, H] (LSTM); weight_ih: [G*H, I]; weight_hh: [G*H, P];
+    bias_*: [G*H]; weight_hr: [P, H] (LSTM projection); lengths: [B] int64, each in [1, T].
+    Returns (output [T, B, P], h_n [B, P]) and, for LSTM, c_n [B, H] as a third item.
+    Padded steps (t >= lengths[b]) output zeros and leave the state unchanged.
+    """
+    if cell not in cells.CELLS:
+        raise ValueError(f"cell must be one of {cells.CELLS}, got {cell!r}")
+    check_chunk_size(chunk_size)
+    dispatch.check_backend_name(backend)
+    if x.dim() != 3:
+        raise RuntimeError(f"input must have 3 dimensions [T, B, input_size], got {x.dim()}")
+    steps, batch, input_size = x.shape
+    if steps == 0:
+        raise ValueError("input has an empty time dimension (sequence length 0); expected at least one step")
+    if not x.is_floating_point():
+        raise TypeError(f"input must be a floating point tensor, got {x.dtype}")
+    gates = cells.NUM_GATES[cell]
+    hidden = weight_hh.shape[0] // gates
+    out_size = weight_hr.shape[0] if weight_hr is not None else hidden
+    _check_tensor("weight_ih", weight_ih, (gates * hidden, input_size), x)
+    _check_tensor("weight_hh", weight_hh, (gates * hidden, out_size), x)
+    _check_tensor("bias_ih", bias_ih, (gates * hidden,), x)
+    _check_tensor("bias_hh", bias_hh, (gates * hidden,), x)
+    if (bias_ih is None) != (bias_hh is None):
+        raise ValueError("bias_ih and bias_hh must be given together")
+    _check_tensor("hidden state hx", hx, (batch, out_size), x)
+    if cell == "lstm":
+        if cx is None:
+            raise ValueError("an LSTM layer needs the cell state cx")
+        _check_tensor("cell state cx", cx, (batch, hidden), x)
+        _check_tensor("weight_hr", weight_hr, (out_size, hidden), x)
+    check_lengths(lengths, steps, batch)
+    name = dispatch.resolve(backend, cell, x, hidden, out_size if weight_hr is not None else 0)
+    if cell == "lstm":
+        out, h_n, c_n, _, _ = torch.ops.fastbptt.lstm(x, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+                                                      lengths, reverse, chunk_size, recompute, name)
+        return out, h_n, c_n
+    out, h_n, _ = getattr(torch.ops.fastbptt, cell)(x, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
+                                                     reverse, chunk_size, recompute, name)
+    return out, h_n

@@ -1,0 +1,229 @@
+"""Chunk-recompute autograd ops, one per cell type, registered with ``torch.library``.
+
+``fastbptt::{rnn_tanh, rnn_relu, gru, lstm}`` run one layer in one direction over a whole
+``[T, B, I]`` sequence; ``fastbptt::*_backward`` are their gradients. Both are opaque custom
+ops with fake (meta) implementations, so ``torch.compile(fullgraph=True)`` traces through a
+model that uses them.
+
+What the forward keeps for the backward (recompute on, the default): the input, the output,
+the initial state and, for LSTM, the cell state at each chunk boundary. The backward walks the
+chunks in reverse; per chunk it
+
+1. recomputes the gate pre-activations as two big products: ``gi = x W_ih^T`` and
+   ``gh = h_prev W_hh^T``, where ``h_prev`` is the saved output shifted by one step;
+2. runs the backend's sequential backward kernel (the only per-step work);
+3. accumulates ``dW_ih``, ``dW_hh`` and the biases as ``[G*H, C*B] x [C*B, *]`` products and
+   computes ``dx = d_gi W_ih`` for the chunk.
+
+With recompute off the forward also keeps the gate pre-activations (more memory, no step 1).
+All time loops here run in *processing order*; the reverse direction flips chunks on the way in
+and out, and a variable-length batch is a ``valid: [T, B]`` mask (see :mod:`fastbptt.reference`).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import cells, dispatch
+
+EMPTY = (0,)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def chunk_bounds(steps: int, chunk_size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + chunk_size, steps)) for s in range(0, steps, chunk_size)]
+
+
+def valid_mask(lengths: Optional[Tensor], steps: int, reverse: bool, device: torch.device) -> Optional[Tensor]:
+    """[T, B] bool in processing order: step t of row b is real iff t < lengths[b] in time order."""
+    if lengths is None:
+        return None
+    mask = torch.arange(steps, device=device)[:, None] < lengths.to(device)[None, :]
+    return mask.flip(0).contiguous() if reverse else mask
+
+
+def time_slice(t: Tensor, s0: int, s1: int, reverse: bool) -> Tensor:
+    """Rows s0..s1 of ``t`` in processing order (a view forward, a flipped copy in reverse)."""
+    steps = t.shape[0]
+    return t[steps - s1:steps - s0].flip(0) if reverse else t[s0:s1]
+
+
+def previous_states(out_p: Tensor, h0: Tensor, valid: Optional[Tensor], s0: int, s1: int) -> Tensor:
+    """h_prev: [C, B, P], the state each step of the chunk started from.
+
+    The output of step s-1, except where that step was padding: a row's padding precedes its
+    real steps only in reverse processing, and there the state was still h0.
+    """
+    prev = out_p[s0 - 1:s1 - 1] if s0 > 0 else torch.cat([h0[None], out_p[:s1 - 1]])
+    if valid is None:
+        return prev
+    prev_valid = valid[s0 - 1:s1 - 1] if s0 > 0 else torch.cat([valid.new_zeros(1, valid.shape[1]), valid[:s1 - 1]])
+    return torch.where(prev_valid[..., None], prev, h0)
+
+
+def input_bias(cell: str, b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Optional[Tensor]:
+    if b_ih is None:
+        return None
+    return b_ih + b_hh if cells.folds_hidden_bias(cell) else b_ih
+
+
+def flatten(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+class _GradAccumulator:
+    """Weight and bias gradients summed over chunks in float32 (exact for float32/64 inputs)."""
+
+    def __init__(self, like: Tensor, wanted: bool):
+        self.wanted = wanted
+        self.total = None
+        self.like = like
+
+    def add_product(self, a: Tensor, b: Tensor) -> None:   # a: [C, B, N], b: [C, B, K] -> [N, K]
+        if self.wanted:
+            self._add(flatten(a).t() @ flatten(b))
+
+    def add_sum(self, a: Tensor) -> None:                  # a: [C, B, N] -> [N]
+        if self.wanted:
+            self._add(flatten(a).sum(0))
+
+    def add(self, t: Optional[Tensor]) -> None:
+        if self.wanted and t is not None:
+            self._add(t)
+
+    def _add(self, t: Tensor) -> None:
+        acc_dtype = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+        self.total = t.to(acc_dtype) if self.total is None else self.total + t
+
+    def result(self) -> Tensor:
+        if not self.wanted:
+            return self.like.new_empty(EMPTY)
+        return (self.total if self.total is not None else torch.zeros_like(self.like)).to(self.like.dtype)
+
+
+# ----------------------------------------------------------------------------- forward
+
+def saved_gate_width(cell: str, hidden: int) -> int:
+    """Columns kept per step with recompute off: GRU keeps gi and gh, LSTM the gate sums."""
+    return {"rnn_tanh": 0, "rnn_relu": 0, "gru": 6 * hidden, "lstm": 4 * hidden}[cell]
+
+
+def _forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
+             b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Optional[Tensor], lengths: Optional[Tensor],
+             reverse: bool, chunk_size: int, recompute: bool, backend: str):
+    kern = dispatch.kernels(backend)
+    steps, batch, _ = x.shape
+    hidden = w_hh.shape[0] // cells.NUM_GATES[cell]
+    valid = valid_mask(lengths, steps, reverse, x.device)
+    out_p = x.new_empty(steps, batch, h0.shape[-1])
+    width = 0 if recompute else saved_gate_width(cell, hidden)
+    gates = x.new_empty(steps, batch, width) if width else x.new_empty(EMPTY)
+    bias = input_bias(cell, b_ih, b_hh)
+    w_hh, w_hr = w_hh.contiguous(), (None if w_hr is None else w_hr.contiguous())
+    h, c = h0.contiguous(), (None if c0 is None else c0.contiguous())
+    bounds = chunk_bounds(steps, chunk_size)
+    c_chunks = x.new_empty(len(bounds), batch, hidden) if cell == "lstm" else None
+    for k, (s0, s1) in enumerate(bounds):
+        gi = F.linear(time_slice(x, s0, s1, reverse), w_ih, bias).contiguous()
+        v = None if valid is None else valid[s0:s1]
+        out = out_p[s0:s1]
+        if cell == "gru":
+            gh_out = gates[s0:s1, :, 3 * hidden:] if width else None
+            if width:
+                gates[s0:s1, :, :3 * hidden] = gi
+            gh_buf = torch.empty_like(gi) if width else None
+            h = kern.gru_forward(gi, h, w_hh, b_hh, v, out, gh_buf)
+            if width:
+                gh_out.copy_(gh_buf)
+        elif cell == "lstm":
+            c_chunks[k] = c
+            gates_buf = torch.empty_like(gi) if width else None
+            h, c = kern.lstm_forward(gi, h, c, w_hh, w_hr, v, out, gates_buf)
+            if width:
+                gates[s0:s1] = gates_buf
+        else:
+            h = kern.rnn_forward(gi, h, w_hh, v, out, cell == "rnn_relu")
+    out = out_p.flip(0) if reverse else out_p
+    if cell == "lstm":
+        return out, h, c, c_chunks, gates
+    return out, h, gates
+
+
+# ----------------------------------------------------------------------------- backward
+
+def _backward(cell: str, grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Optional[Tensor], x: Tensor, h0: Tensor,
+              c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
+              w_hr: Optional[Tensor], lengths: Optional[Tensor], out: Tensor, c_chunks: Optional[Tensor],
+              gates: Tensor, reverse: bool, chunk_size: int, backend: str, output_mask: Sequence[bool]):
+    """Returns gradients for (x, h0, [c0], w_ih, w_hh, b_ih, b_hh, [w_hr]); empty where not wanted."""
+    kern = dispatch.kernels(backend)
+    steps = x.shape[0]
+    hidden = w_hh.shape[0] // cells.NUM_GATES[cell]
+    lstm = cell == "lstm"
+    want_x, want_h0 = output_mask[0], output_mask[1]
+    want_c0 = output_mask[2] if lstm else False
+    rest = output_mask[3:] if lstm else output_mask[2:]
+    want_w_ih, want_w_hh, want_b_ih, want_b_hh = rest[:4]
+    want_w_hr = lstm and w_hr is not None and rest[4]
+    recompute = gates.numel() == 0
+    valid = valid_mask(lengths, steps, reverse, x.device)
+    out_p = out.flip(0) if reverse else out
+    grad_out_p = (grad_out.flip(0) if reverse else grad_out).contiguous()
+    bias = input_bias(cell, b_ih, b_hh)
+    w_hh_c, w_hr_c = w_hh.contiguous(), (None if w_hr is None else w_hr.contiguous())
+
+    grad_x = torch.empty_like(x) if want_x else x.new_empty(EMPTY)
+    acc_w_ih, acc_w_hh = _GradAccumulator(w_ih, want_w_ih), _GradAccumulator(w_hh, want_w_hh)
+    acc_b_ih = _GradAccumulator(b_ih if b_ih is not None else w_ih, want_b_ih and b_ih is not None)
+    acc_b_hh = _GradAccumulator(b_hh if b_hh is not None else w_ih, want_b_hh and b_hh is not None)
+    acc_w_hr = _GradAccumulator(w_hr if w_hr is not None else w_ih, want_w_hr)
+    dh = grad_h_n.contiguous()
+    dc = grad_c_n.contiguous() if lstm else None
+
+    bounds = chunk_bounds(steps, chunk_size)
+    for k in reversed(range(len(bounds))):
+        s0, s1 = bounds[k]
+        x_c = time_slice(x, s0, s1, reverse)
+        v = None if valid is None else valid[s0:s1]
+        g_out = grad_out_p[s0:s1]
+        need_h_prev = cell == "gru" or want_w_hh or (lstm and recompute)
+        h_prev = previous_states(out_p, h0, valid, s0, s1) if need_h_prev else None
+        if cell == "gru":
+            if recompute:
+                gi = F.linear(x_c, w_ih, bias)
+                gh = F.linear(h_prev, w_hh, b_hh)
+            else:
+                gi, gh = gates[s0:s1, :, :3 * hidden], gates[s0:s1, :, 3 * hidden:]
+            d_gi, d_gh, dh = kern.gru_backward(gi.contiguous(), gh.contiguous(), h_prev.contiguous(), w_hh_c,
+                                               g_out, dh, v)
+        elif lstm:
+            pre = F.linear(x_c, w_ih, bias) + h_prev @ w_hh.t() if recompute else gates[s0:s1]
+            d_gi, dh, dc, d_w_hr = kern.lstm_backward(pre.contiguous(), c_chunks[k].contiguous(), w_hh_c, w_hr_c,
+                                                      g_out, dh, dc, v)
+            d_gh = d_gi
+            acc_w_hr.add(d_w_hr)
+        else:
+            d_gi, dh = kern.rnn_backward(out_p[s0:s1].contiguous(), w_hh_c, g_out, dh, v, cell == "rnn_relu")
+            d_gh = d_gi
+        acc_w_ih.add_product(d_gi, x_c)
+        acc_b_ih.add_sum(d_gi)
+        if want_w_hh:
+            acc_w_hh.add_product(d_gh, h_prev)
+        acc_b_hh.add_sum(d_gh)
+        if want_x:
+            dx = d_gi @ w_ih
+            if reverse:
+                grad_x[steps - s1:steps - s0] = dx.flip(0)
+            else:
+                grad_x[s0:s1] = dx
+    grads = [grad_x, dh if want_h0 else x.new_empty(EMPTY)]
+    if lstm:
+        grads.append(dc if want_c0 else x.new_empty(EMPTY))
+    grads += [acc_w_ih.result(), acc_w_hh.result(), acc_b_ih.result(), acc_b_hh.result()]
+    if lstm:
+        grads.append(acc_w_hr.result())
+    return tuple(grads)

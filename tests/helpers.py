@@ -1,0 +1,154 @@
+"""Shared test machinery: build a torch.nn / fastbptt module pair with the same weights, run
+both forward and backward on the same input, and compare every output and gradient.
+
+Tolerances live in one table per dtype. For float16/bfloat16 a kernel is held to a multiple of
+torch.nn's *own* error against a float64 oracle, not to a fixed bound.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fastbptt
+
+TORCH_CLASS = {"rnn_tanh": torch.nn.RNN, "rnn_relu": torch.nn.RNN, "gru": torch.nn.GRU, "lstm": torch.nn.LSTM}
+FAST_CLASS = {"rnn_tanh": fastbptt.RNN, "rnn_relu": fastbptt.RNN, "gru": fastbptt.GRU, "lstm": fastbptt.LSTM}
+
+# dtype -> (atol, rtol) for fastbptt vs torch.nn on the same dtype (float32/float64)
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-8),
+    torch.float32: (2e-5, 2e-4),
+}
+# float16/bfloat16: |fast - oracle| <= LOWP_FACTOR * |torch.nn(lowp) - oracle| + LOWP_ATOL
+LOWP_FACTOR = 2.0
+LOWP_ATOL = {torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+@dataclasses.dataclass
+class Case:
+    cell: str = "gru"
+    input_size: int = 5
+    hidden_size: int = 6
+    num_layers: int = 1
+    bidirectional: bool = False
+    batch_first: bool = False
+    bias: bool = True
+    unbatched: bool = False
+    packed: bool = False
+    with_hx: bool = True
+    proj_size: int = 0
+    steps: int = 7
+    batch: int = 3
+    chunk_size: int = 3
+    recompute: bool = True
+
+    def module_kwargs(self) -> dict:
+        kw = dict(num_layers=self.num_layers, bidirectional=self.bidirectional, batch_first=self.batch_first,
+                  bias=self.bias)
+        if self.cell.startswith("rnn"):
+            kw["nonlinearity"] = self.cell[4:]
+        if self.proj_size:
+            kw["proj_size"] = self.proj_size
+        return kw
+
+
+def make_pair(case: Case, backend: str, dtype=torch.float64, device="cpu", seed: int = 0):
+    """(torch.nn module, fastbptt module) with identical weights."""
+    torch.manual_seed(seed)
+    ref = TORCH_CLASS[case.cell](case.input_size, case.hidden_size, **case.module_kwargs()).to(device, dtype)
+    fast = FAST_CLASS[case.cell](case.input_size, case.hidden_size, **case.module_kwargs(),
+                                 chunk_size=case.chunk_size, recompute=case.recompute, backend=backend).to(device, dtype)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def make_inputs(case: Case, dtype=torch.float64, device="cpu", seed: int = 1):
+    """Returns (x, hx, lengths) with x and hx leaf tensors requiring grad."""
+    g = torch.Generator().manual_seed(seed)
+    if case.unbatched:
+        shape = (case.steps, case.input_size)
+    elif case.batch_first:
+        shape = (case.batch, case.steps, case.input_size)
+    else:
+        shape = (case.steps, case.batch, case.input_size)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype).requires_grad_()
+    hx = None
+    if case.with_hx:
+        dirs = 2 if case.bidirectional else 1
+        out_size = case.proj_size or case.hidden_size
+        lead = (case.num_layers * dirs,) + (() if case.unbatched else (case.batch,))
+        h = torch.randn(lead + (out_size,), generator=g, dtype=torch.float64).to(device, dtype).requires_grad_()
+        if case.cell == "lstm":
+            c = torch.randn(lead + (case.hidden_size,), generator=g, dtype=torch.float64).to(device, dtype)
+            hx = (h, c.requires_grad_())
+        else:
+            hx = h
+    lengths = None
+    if case.packed:
+        # unsorted, with ties and a full-length row
+        lengths = torch.tensor([max(1, case.steps - (3 * b) % case.steps) for b in range(case.batch)])
+        lengths[min(1, case.batch - 1)] = case.steps
+    return x, hx, lengths
+
+
+def run(module, case: Case, x, hx, lengths, seed: int = 2) -> dict:
+    """Forward + backward with a random cotangent; returns every output and gradient by name."""
+    for p in module.parameters():
+        p.grad = None
+    leaves = [x] + (list(hx) if isinstance(hx, tuple) else ([hx] if hx is not None else []))
+    for t in leaves:
+        t.grad = None
+    inp = x
+    if lengths is not None:
+        inp = pack_padded_sequence(x, lengths, batch_first=case.batch_first, enforce_sorted=False)
+    out, h_n = module(inp, hx)
+    out_t = out.data if lengths is not None else out
+    states = h_n if isinstance(h_n, tuple) else (h_n,)
+    g = torch.Generator().manual_seed(seed)
+    loss = (out_t * torch.randn(out_t.shape, generator=g, dtype=torch.float64).to(out_t)).sum()
+    for s in states:
+        loss = loss + (s * torch.randn(s.shape, generator=g, dtype=torch.float64).to(s)).sum()
+    loss.backward()
+    result = {"output": out_t.detach().clone()}
+    result.update({f"state{i}": s.detach().clone() for i, s in enumerate(states)})
+    result.update({f"grad_leaf{i}": t.grad.clone() for i, t in enumerate(leaves)})
+    result.update({f"grad_{n}": p.grad.clone() for n, p in module.named_parameters()})
+    return result
+
+
+def assert_results_close(actual: dict, expected: dict, atol: float, rtol: float, label: str = "") -> None:
+    assert actual.keys() == expected.keys(), (label, sorted(actual), sorted(expected))
+    for key in expected:
+        torch.testing.assert_close(actual[key].double(), expected[key].double(), atol=atol, rtol=rtol,
+                                   msg=lambda m, key=key: f"{label} {key}: {m}")
+
+
+def assert_parity(case: Case, backend: str, dtype=torch.float64, device="cpu",
+                  tolerance: Optional[tuple] = None) -> None:
+    """fastbptt(backend) matches torch.nn on outputs, final states and every gradient."""
+    ref, fast = make_pair(case, backend, dtype, device)
+    x, hx, lengths = make_inputs(case, dtype, device)
+    expected = run(ref, case, x, hx, lengths)
+    actual = run(fast, case, x, hx, lengths)
+    atol, rtol = tolerance or TOLERANCES[dtype]
+    assert_results_close(actual, expected, atol, rtol, label=f"{backend} {dtype} {case}")
+
+
+def assert_lowp_parity(case: Case, backend: str, dtype, device="cpu") -> None:
+    """Low precision: fastbptt's error vs a float64 oracle is within LOWP_FACTOR x torch.nn's own."""
+    ref64, _ = make_pair(case, "reference", torch.float64, device)
+    ref, fast = make_pair(case, backend, dtype, device)
+    x, hx, lengths = make_inputs(case, torch.float64, device)
+    oracle = run(ref64, case, x, hx, lengths)
+    cast = lambda t: None if t is None else (tuple(s.detach().to(dtype).requires_grad_() for s in t) if isinstance(t, tuple)
+                                             else t.detach().to(dtype).requires_grad_())
+    x_l, hx_l = cast(x), cast(hx)
+    torch_err = {k: (v.double() - oracle[k]).abs().max().item() for k, v in run(ref, case, x_l, hx_l, lengths).items()}
+    fast_res = run(fast, case, x_l, hx_l, lengths)
+    for key, value in fast_res.items():
+        err = (value.double() - oracle[key]).abs().max().item()
+        bound = LOWP_FACTOR * torch_err[key] + LOWP_ATOL[dtype]
+        assert err <= bound, f"{backend} {dtype} {key}: error {err:.3g} > {bound:.3g} (torch.nn's {torch_err[key]:.3g})"
