@@ -3,7 +3,12 @@ import os
 import pytest
 import torch
 
-from fastbptt import dispatch
+# Triton runs CPU tensors only in its interpreter, chosen when its kernels are first loaded: turn it
+# on before anything loads them, unless a GPU is there to run them compiled.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from fastbptt import dispatch  # noqa: E402
 
 
 def pytest_addoption(parser):
