@@ -79,27 +79,34 @@ def kernels(name: str) -> ModuleType:
     return module
 
 
-def decline_reason(name: str, cell: str, x: torch.Tensor, hidden_size: int, proj_size: int) -> str:
+def decline_reason(name: str, cell: str, device_type: str, dtype: torch.dtype, hidden_size: int,
+                   proj_size: int = 0) -> str:
     """'' when backend ``name`` loads and takes this case, else why not."""
     spec = BACKENDS[name]
-    if x.device.type not in spec.devices:
-        return f"it does not run on {x.device.type} tensors (runs on {', '.join(spec.devices)})"
+    if device_type not in spec.devices:
+        return f"it does not run on {device_type} tensors (runs on {', '.join(spec.devices)})"
     module, reason = _load(name)
     if module is None:
         return reason
     supports = getattr(module, "supports", None)
-    return supports(name, cell, x.dtype, hidden_size, proj_size) if supports else ""
+    return supports(name, cell, dtype, hidden_size, proj_size) if supports else ""
 
 
 def resolve(backend: str, cell: str, x: torch.Tensor, hidden_size: int, proj_size: int = 0) -> str:
-    """The concrete backend for one layer call. Named backends that cannot take the case raise."""
+    """The concrete backend for one layer call on input ``x``. A named backend that cannot take
+    the case raises :class:`BackendUnavailable` with the reason."""
     check_backend_name(backend)
+    return _resolve(backend, cell, x.device.type, x.dtype, hidden_size, proj_size)
+
+
+@torch.compiler.assume_constant_result  # a plain lookup: torch.compile takes its result as a constant
+def _resolve(backend: str, cell: str, device_type: str, dtype: torch.dtype, hidden_size: int, proj_size: int) -> str:
     if backend != "auto":
-        reason = decline_reason(backend, cell, x, hidden_size, proj_size)
+        reason = decline_reason(backend, cell, device_type, dtype, hidden_size, proj_size)
         if reason:
             raise BackendUnavailable(f"fastbptt backend {backend!r} cannot run this {cell} layer: {reason}")
         return backend
-    for name in PREFERENCE.get(x.device.type, ("reference",)):
-        if not decline_reason(name, cell, x, hidden_size, proj_size):
+    for name in PREFERENCE.get(device_type, ("reference",)):
+        if not decline_reason(name, cell, device_type, dtype, hidden_size, proj_size):
             return name
     return "reference"

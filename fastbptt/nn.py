@@ -1,8 +1,8 @@
 """Drop-in replacements for ``torch.nn.RNN``, ``torch.nn.GRU`` and ``torch.nn.LSTM``.
 
-Each class subclasses its ``torch.nn`` twin, so constructor arguments, parameters (names,
-shapes, order, initialisation), ``state_dict``, ``repr`` and argument checks are torch's own;
-only ``forward`` is replaced, by layers of :func:`fastbptt.ops.recurrent_layer`. Extra
+Each class is built on ``torch.nn.RNNBase`` exactly as its ``torch.nn`` twin is, so constructor
+arguments, parameters (names, shapes, order, initialisation), ``state_dict``, ``repr`` and
+argument checks are torch's own; only ``forward`` is replaced, by layers of :func:`fastbptt.ops.recurrent_layer`. Extra
 keyword-only arguments: ``chunk_size`` (steps recomputed together in the backward),
 ``recompute`` (the memory policy) and ``backend``.
 """
@@ -55,7 +55,8 @@ class _FusedRNNMixin:
             batch, is_batched, batch_dim, checked = x.shape[1], True, 1, input.data
         else:
             if input.dim() not in (2, 3):
-                raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D input instead")
+                got = f"{input.dim()}D tensor" if self.mode.startswith("RNN") else f"{input.dim()}D"  # torch's wording
+                raise ValueError(f"{name}: Expected input to be 2D or 3D, got {got} instead")
             is_batched = input.dim() == 3
             batch_dim = 0 if self.batch_first else 1
             x = input if is_batched else input.unsqueeze(batch_dim)
@@ -161,28 +162,57 @@ class _FusedRNNMixin:
         return layer_input, torch.stack(h_n), (torch.stack(c_n) if lstm else None)
 
 
-def _fused(torch_cls: type) -> type:
-    """Builds the fastbptt subclass of a torch.nn RNN class."""
-
-    class Fused(_FusedRNNMixin, torch_cls):
-        def __init__(self, *args, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str = "auto",
-                     recompute: bool = True, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._init_fastbptt(chunk_size, backend, recompute)
-
-    Fused.__name__ = Fused.__qualname__ = torch_cls.__name__
-    Fused.__module__ = __name__
-    Fused.__doc__ = (f"Drop-in ``torch.nn.{torch_cls.__name__}`` running on fastbptt's fused kernels.\n\n"
-                     f"Takes every argument of ``torch.nn.{torch_cls.__name__}`` plus the keyword-only "
-                     "``chunk_size`` (steps recomputed together in the backward), ``recompute`` (True: keep "
-                     "only the outputs and chunk-boundary states; False: also keep the gate pre-activations, "
-                     "faster backward, more memory) and ``backend`` (" + ", ".join(dispatch.CHOICES) + ").")
-    return Fused
+_EXTRA_DOC = ("Takes every argument of ``torch.nn.{name}`` plus the keyword-only ``chunk_size`` (steps recomputed "
+              "together in the backward), ``recompute`` (True: keep only the outputs and chunk-boundary states; "
+              "False: also keep the gate pre-activations, faster backward, more memory) and ``backend`` ("
+              + ", ".join(dispatch.CHOICES) + ").")
 
 
-RNN = _fused(nn.RNN)
-GRU = _fused(nn.GRU)
-LSTM = _fused(nn.LSTM)
+# These subclass nn.RNNBase, as torch.nn's classes do, rather than nn.RNN/GRU/LSTM themselves:
+# torch.compile refuses to trace any instance of those three classes.
+class RNN(_FusedRNNMixin, nn.RNNBase):
+    __doc__ = "Drop-in ``torch.nn.RNN`` running on fastbptt's fused kernels.\n\n" + _EXTRA_DOC.format(name="RNN")
+
+    def __init__(self, *args, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str = "auto", recompute: bool = True,
+                 **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            nonlinearity, args = args[3], args[:3] + args[4:]
+        else:
+            nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        modes = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
+        if nonlinearity not in modes:
+            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        super().__init__(modes[nonlinearity], *args, **kwargs)
+        self.nonlinearity = nonlinearity
+        self._init_fastbptt(chunk_size, backend, recompute)
+
+
+class GRU(_FusedRNNMixin, nn.RNNBase):
+    __doc__ = "Drop-in ``torch.nn.GRU`` running on fastbptt's fused kernels.\n\n" + _EXTRA_DOC.format(name="GRU")
+
+    def __init__(self, *args, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str = "auto", recompute: bool = True,
+                 **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)
+        self._init_fastbptt(chunk_size, backend, recompute)
+
+
+class LSTM(_FusedRNNMixin, nn.RNNBase):
+    __doc__ = "Drop-in ``torch.nn.LSTM`` running on fastbptt's fused kernels.\n\n" + _EXTRA_DOC.format(name="LSTM")
+
+    # torch.nn.LSTM's own checks of the (h_0, c_0) pair
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
+    def __init__(self, *args, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str = "auto", recompute: bool = True,
+                 **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+        self._init_fastbptt(chunk_size, backend, recompute)
+
 
 _FUSED_OF = {nn.RNN: RNN, nn.GRU: GRU, nn.LSTM: LSTM}
 

@@ -44,7 +44,7 @@ def float32_compute(kernel):
         dtype = args[0].dtype
         if dtype not in LOW_PRECISION:
             return kernel(*args)
-        up = [a.float() if isinstance(a, Tensor) else a for a in args]
+        up = [a.float() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
         result = kernel(*up)
         for i in in_place:
             if i < len(args) and args[i] is not None:

@@ -68,7 +68,7 @@ def recurrent_layer(cell: str, x: Tensor, hx: Tensor, weight_ih: Tensor, weight_
         raise RuntimeError(f"input must have 3 dimensions [T, B, input_size], got {x.dim()}")
     steps, batch, input_size = x.shape
     if steps == 0:
-        raise ValueError("input has an empty time dimension (sequence length 0); expected at least one step")
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN (the input's time dimension is empty)")
     if not x.is_floating_point():
         raise TypeError(f"input must be a floating point tensor, got {x.dtype}")
     gates = cells.NUM_GATES[cell]

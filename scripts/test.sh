@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Sets up the environment, compile-checks the CUDA sources and runs the whole test suite.
+# Extra arguments go to pytest (e.g. --full for the full parity grid).
+set -euo pipefail
+. "$(dirname "$0")/setup_env.sh" "test,triton,bench,lm"
+if command -v nvcc >/dev/null 2>&1; then
+    bash scripts/check_cuda_compile.sh
+elif [ -n "${CI:-}" ]; then
+    echo "nvcc not found: CI must compile-check the CUDA sources" >&2
+    exit 1
+else
+    echo "nvcc not found: skipping the CUDA compile check"
+fi
+python -m fastbptt info
+# Triton kernels run on CPU tensors through Triton's interpreter.
+export TRITON_INTERPRET=1
+python -m pytest -q -p no:cacheprovider "$@"

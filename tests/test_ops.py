@@ -1,0 +1,112 @@
+"""The custom ops themselves: registration (opcheck), gradients (gradcheck in float64),
+torch.compile, the activation-memory bound, and random shapes (hypothesis)."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastbptt
+from conftest import cpu_backends
+from fastbptt.bench.memory import saved_activation_bytes
+from helpers import Case, assert_parity
+
+CELLS = ["rnn_tanh", "rnn_relu", "gru", "lstm"]
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
+
+
+def op_args(cell, backend, *, steps=5, batch=3, inp=4, hidden=5, proj=0, lengths=True, reverse=False, chunk=2,
+            recompute=True, dtype=torch.float64, requires_grad=True):
+    """Positional arguments of torch.ops.fastbptt.<cell> for a small random case."""
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: (torch.randn(*s, generator=g, dtype=torch.float64) * 0.5).to(dtype).requires_grad_(requires_grad)
+    out = proj or hidden
+    x, h0 = rnd(steps, batch, inp), rnd(batch, out)
+    w_ih, w_hh = rnd(GATES[cell] * hidden, inp), rnd(GATES[cell] * hidden, out)
+    b_ih, b_hh = rnd(GATES[cell] * hidden), rnd(GATES[cell] * hidden)
+    lens = torch.tensor([steps, 2, steps - 1][:batch]) if lengths else None
+    options = (lens, reverse, chunk, recompute, backend)
+    if cell == "lstm":
+        w_hr = rnd(proj, hidden) if proj else None
+        return (x, h0, rnd(batch, hidden), w_ih, w_hh, b_ih, b_hh, w_hr) + options
+    return (x, h0, w_ih, w_hh, b_ih, b_hh) + options
+
+
+def op(cell):
+    return getattr(torch.ops.fastbptt, cell)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("recompute", [True, False])
+def test_opcheck(backend, cell, recompute):
+    args = op_args(cell, backend, recompute=recompute, proj=3 if cell == "lstm" else 0)
+    torch.library.opcheck(op(cell), args)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("cell,proj", [("rnn_tanh", 0), ("rnn_relu", 0), ("gru", 0), ("lstm", 0), ("lstm", 3)])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("recompute", [True, False])
+def test_gradcheck_float64(backend, cell, proj, reverse, recompute):
+    args = op_args(cell, backend, steps=4, inp=3, hidden=3, proj=min(proj, 2), reverse=reverse, recompute=recompute)
+    n_out = 3 if cell == "lstm" else 2  # differentiable outputs: output, h_n (, c_n)
+
+    def f(*tensors):
+        return op(cell)(*tensors, *args[len(tensors):])[:n_out]
+
+    tensors = tuple(a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point())
+    assert torch.autograd.gradcheck(f, tensors, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_torch_compile_fullgraph_matches_eager(backend, cell):
+    torch._dynamo.reset()
+    model = {"gru": fastbptt.GRU, "lstm": fastbptt.LSTM}[cell](4, 6, num_layers=2, bidirectional=True,
+                                                              batch_first=True, backend=backend)
+    x = torch.randn(3, 7, 4, requires_grad=True)
+    out_e, _ = model(x)
+    (g_e,) = torch.autograd.grad(out_e.sum(), x)
+    compiled = torch.compile(model, fullgraph=True)
+    out_c, _ = compiled(x)
+    (g_c,) = torch.autograd.grad(out_c.sum(), x)
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(g_c, g_e)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("cell,torch_ratio", [("gru", 7.0), ("lstm", 16.0)])
+def test_saved_activations_near_output_size(backend, cell, torch_ratio):
+    """fastbptt keeps at most 1.25x the output's bytes for backward; torch.nn about 7x / 16x."""
+    steps, batch, inp, hidden = 256, 8, 16, 32
+    fast_cls, torch_cls = {"gru": (fastbptt.GRU, torch.nn.GRU), "lstm": (fastbptt.LSTM, torch.nn.LSTM)}[cell]
+    fast, ref = fast_cls(inp, hidden, backend=backend), torch_cls(inp, hidden)
+    x = torch.randn(steps, batch, inp, requires_grad=True)
+    out_bytes = steps * batch * hidden * 4
+    kept = saved_activation_bytes(lambda: fast(x), exclude=[x, *fast.parameters()])
+    kept_torch = saved_activation_bytes(lambda: ref(x), exclude=[x, *ref.parameters()])
+    assert kept <= 1.25 * out_bytes, kept / out_bytes
+    assert kept_torch >= 0.9 * torch_ratio * out_bytes  # the baseline the bound is measured against
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_nothing_saved_without_grad(backend):
+    model = fastbptt.LSTM(4, 8, backend=backend)
+    x = torch.randn(20, 2, 4)
+    with torch.no_grad():
+        assert saved_activation_bytes(lambda: model(x)) == 0
+    with torch.inference_mode():
+        out, _ = model(x)
+    assert not out.requires_grad
+
+
+@settings(max_examples=25, deadline=None)
+@given(cell=st.sampled_from(["rnn_tanh", "rnn_relu", "gru", "lstm"]), steps=st.integers(1, 9),
+       batch=st.integers(1, 4), input_size=st.integers(1, 6), hidden=st.integers(1, 7),
+       layers=st.integers(1, 2), bidirectional=st.booleans(), packed=st.booleans(), chunk=st.integers(1, 10),
+       proj=st.integers(0, 3), backend=st.sampled_from(cpu_backends()))
+def test_random_shapes(cell, steps, batch, input_size, hidden, layers, bidirectional, packed, chunk, proj, backend):
+    proj = proj if cell == "lstm" and proj < hidden else 0
+    case = Case(cell=cell, steps=steps, batch=batch, input_size=input_size, hidden_size=hidden, num_layers=layers,
+                bidirectional=bidirectional, packed=packed, chunk_size=chunk, proj_size=proj)
+    assert_parity(case, backend, torch.float64)
