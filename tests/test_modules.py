@@ -120,3 +120,19 @@ def test_info_reports_every_backend():
     assert "torch" in text and "backend='auto' picks" in text
     out = subprocess.run([sys.executable, "-m", "fastbptt.info"], capture_output=True, text=True, check=True).stdout
     assert "backends:" in out
+
+
+def test_works_without_the_compiled_extension():
+    """With fastbptt._C unimportable, the package still imports, says why, and runs on the reference."""
+    code = (
+        "import sys; sys.modules['fastbptt._C'] = None\n"
+        "import torch, fastbptt\n"
+        "from fastbptt import dispatch\n"
+        "reason = dispatch.availability('cpu')\n"
+        "assert 'pip install --no-build-isolation -e .' in reason, reason\n"
+        "assert dispatch.resolve('auto', 'gru', torch.zeros(1, 1, 1), 4) == 'reference'\n"
+        "ref = torch.nn.GRU(3, 4); m = fastbptt.GRU(3, 4); m.load_state_dict(ref.state_dict())\n"
+        "x = torch.randn(5, 2, 3)\n"
+        "torch.testing.assert_close(m(x)[0], ref(x)[0])\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
