@@ -26,3 +26,16 @@ def saved_activation_bytes(forward: Callable[[], object], exclude: Iterable[torc
         result = forward()
     del result
     return sum(storages.values())
+
+
+def peak_cuda_bytes(step: Callable[[], object], device=None) -> int:
+    """Peak bytes allocated on the GPU while ``step()`` runs (e.g. one forward+backward), above
+    what was already allocated before it (parameters, input, anything the caller holds)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    result = step()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del result
+    return max(0, peak - before)

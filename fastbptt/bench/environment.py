@@ -1,0 +1,103 @@
+"""The machine and versions a run was measured on, stored beside every result."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+import torch
+
+from .. import __version__, dispatch
+from ..info import triton_version
+
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _run(cmd: list[str], cwd: Path | None = None) -> str:
+    try:
+        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def git_commit() -> dict:
+    commit = _run(["git", "rev-parse", "HEAD"], cwd=_REPO)
+    if not commit:
+        return {"commit": "unknown", "dirty": None}
+    dirty = bool(_run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO))
+    return {"commit": commit, "dirty": dirty}
+
+
+def gpu_info() -> dict:
+    if not torch.cuda.is_available():
+        return {}
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    driver = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]).splitlines()
+    return {
+        "gpu": props.name,
+        "gpu_capability": f"{props.major}.{props.minor}",
+        "gpu_sm_count": props.multi_processor_count,
+        "gpu_memory_bytes": props.total_memory,
+        "gpu_driver": driver[0] if driver else "unknown",
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+    }
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def machine_name(device: str) -> str:
+    """A short file-name-safe name of the machine that the figures depend on: the CPU model and
+    thread count on CPU, the GPU model on GPU."""
+    if device == "cuda" and torch.cuda.is_available():
+        return slug(torch.cuda.get_device_name())
+    model = re.sub(r"\((R|TM)\)|CPU|Processor|@.*$|\d+-Core", "", cpu_model())
+    return f"{slug(model)}-{torch.get_num_threads()}t"
+
+
+def environment(device: str) -> dict:
+    env = {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device,
+        "machine": machine_name(device),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version(),
+        "fastbptt": __version__,
+        **git_commit(),
+        "backends": {name: (dispatch.availability(name) or "available") for name in dispatch.BACKENDS},
+    }
+    env.update(gpu_info())
+    return env
+
+
+def describe(env: dict) -> str:
+    """One line naming the machine and versions, for the top of a table."""
+    if env.get("gpu"):
+        where = f"{env['gpu']} (driver {env.get('gpu_driver')}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')})"
+    else:
+        where = f"{env.get('cpu_model')}, {env.get('threads')} threads"
+    commit = (env.get("commit") or "unknown")[:10] + ("+dirty" if env.get("dirty") else "")
+    return (f"{where}; torch {env.get('torch')}, Triton {env.get('triton')}, fastbptt {env.get('fastbptt')} "
+            f"@ {commit}; {env.get('timestamp')}")

@@ -1,0 +1,130 @@
+"""PNG plots of a run: one figure per (metric, x axis), one panel per cell type and mode, one
+line per candidate. In each panel the other case parameters are held at the combination with
+the most x values in the run."""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+X_FIELDS = {"batch": "batch size B", "steps": "sequence length T", "hidden": "hidden size H",
+            "input_size": "input size I", "layers": "layers"}
+METRICS = ("speedup", "time_per_step", "memory")
+
+
+def _value(rec: dict, metric: str) -> Optional[float]:
+    if rec["status"] != "ok":
+        return None
+    if metric == "speedup":
+        return rec["speedup"]["total"]
+    if metric == "time_per_step":
+        return rec["time_per_step_us"]
+    if metric == "memory":
+        mem = rec["memory"]
+        b = mem.get("peak_bytes") if mem.get("peak_bytes") is not None else mem.get("saved_bytes")
+        return None if b is None else b / 2**20
+    raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+
+
+def _ylabel(metric: str, records: list[dict]) -> str:
+    if metric == "speedup":
+        return "speedup over torch.nn (x)"
+    if metric == "time_per_step":
+        return "time per step (us)"
+    peak = any(r["memory"].get("peak_bytes") is not None for r in records)
+    return "peak memory of a training step (MiB)" if peak else "activation memory kept by autograd (MiB)"
+
+
+def _panels(records: list[dict], metric: str, x: str):
+    """{(cell, mode): (fixed case fields, {label: [(x, y)]}, [(x, output MiB)])}"""
+    groups: dict = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        y = _value(r, metric)
+        if y is None:
+            continue
+        case = r["case"]
+        if metric == "memory" and case["mode"] != "train":
+            continue
+        rest = tuple((k, v) for k, v in case.items() if k not in (x, "cell", "mode"))
+        groups[(case["cell"], case["mode"])][rest].append(r)
+    panels = {}
+    for panel, by_rest in groups.items():
+        rest, recs = max(by_rest.items(), key=lambda kv: len({r["case"][x] for r in kv[1]}))
+        if len({r["case"][x] for r in recs}) < 2:
+            continue
+        lines = defaultdict(list)
+        outputs = {}
+        for r in recs:
+            lines[r["candidate"]["label"]].append((r["case"][x], _value(r, metric)))
+            outputs[r["case"][x]] = r["memory"]["output_bytes"] / 2**20
+        panels[panel] = (dict(rest), {k: sorted(v) for k, v in lines.items()}, sorted(outputs.items()))
+    return panels
+
+
+def _fixed_text(fixed: dict) -> str:
+    parts = [f"{short}={fixed[k]}" for k, short in (("batch", "B"), ("hidden", "H"), ("steps", "T")) if k in fixed]
+    if "input_size" in fixed and fixed["input_size"] != fixed.get("hidden"):
+        parts.append(f"I={fixed['input_size']}")
+    if fixed.get("layers", 1) != 1:
+        parts.append(f"L={fixed['layers']}")
+    if fixed.get("bidirectional"):
+        parts.append("bidirectional")
+    parts.append(str(fixed.get("dtype", "")))
+    return " ".join(parts)
+
+
+def plot(records: list[dict], metric: str, x: str, path: Path, title: str = "") -> Optional[Path]:
+    """Writes one PNG; returns its path, or None when the run has fewer than two x values."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    panels = _panels(records, metric, x)
+    if not panels:
+        return None
+    keys = sorted(panels)
+    cols = min(3, len(keys))
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.axis("off")
+    for ax, key in zip(axes.flat, keys):
+        fixed, lines, outputs = panels[key]
+        for label, pts in lines.items():
+            xs, ys = zip(*pts)
+            style = dict(color="black", linewidth=2) if label == "torch.nn" else {}
+            ax.plot(xs, ys, marker="o", label=label, **style)
+        if metric == "memory":
+            xs, ys = zip(*outputs)
+            ax.plot(xs, ys, linestyle="--", color="gray", label="output size")
+        if metric == "speedup":
+            ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        if metric != "speedup":
+            ax.set_yscale("log")
+        ax.set_xlabel(X_FIELDS.get(x, x))
+        ax.set_ylabel(_ylabel(metric, records))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_title(f"{key[0]} {key[1]}: {_fixed_text(fixed)}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_all(doc: dict, stem: Path, kinds) -> list[Path]:
+    written = []
+    env = doc["environment"]
+    where = env.get("gpu") or f"{env.get('cpu_model')}, {env.get('threads')} threads"
+    for metric, x in kinds:
+        p = plot(doc["records"], metric, x, stem.with_name(f"{stem.name}-{metric}-vs-{x}.png"),
+                 title=f"fastbptt bench '{doc['preset']}' on {where}")
+        if p is not None:
+            written.append(p)
+    return written
