@@ -284,8 +284,12 @@ def build_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
 
 
 def sequence_cross_entropy(output: Tensor, target: Tensor) -> Tensor:
-    """Mean cross-entropy over all time steps: output [B, T, V] logits, target [B, T] indices."""
-    return F.cross_entropy(output.reshape(-1, output.shape[-1]).float(), target.reshape(-1))
+    """Mean cross-entropy over all time steps: output [B, T, V] logits, target [B, T] indices.
+    Half-precision logits (autocast) are scored in float32."""
+    logits = output.reshape(-1, output.shape[-1])
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits, target.reshape(-1))
 
 
 # ----------------------------------------------------------------------------- distributed helpers
