@@ -41,6 +41,19 @@ def streamed(monkeypatch):
     monkeypatch.setattr(common, "MAX_BLOCK_B", 16)
 
 
+@pytest.fixture(autouse=True)
+def nan_fresh_memory(monkeypatch):
+    """Fresh float allocations come filled with NaN, so a kernel reading scratch or output memory
+    it has not written shows up as NaN in the results."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_filled(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan_filled(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan_filled(empty_like(*a, **k)))
+
+
 # ----------------------------------------------------------------------------- kernels vs reference
 
 def _close(actual, expected, dtype, label):

@@ -26,7 +26,9 @@ INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 # Tile limits. A hidden size that fits one tile keeps its recurrent weights in registers for the
 # whole chunk (RESIDENT); above it they are streamed tile by tile from global memory (L2) each step.
-MAX_BLOCK_N = 64
+# 32-wide tiles keep the four LSTM weight tiles at 32 registers per thread with 4 warps (not tuned
+# on a GPU yet).
+MAX_BLOCK_N = 32
 MAX_BLOCK_B = 32
 MIN_BLOCK = 16          # tl.dot needs every dimension >= 16; smaller batches and sizes are masked
 NUM_WARPS = 4
