@@ -1,0 +1,180 @@
+"""The benchmark harness itself, on tiny shapes: it runs, records every field, takes its ratios
+from the same run, reports failures instead of dropping them, and writes JSON, markdown, plots
+and comparisons."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+import fastbptt.reference
+from fastbptt.bench import cli, config, report, runner
+from fastbptt.bench.config import Candidate, Case
+
+TINY = dict(device="cpu", dtype="float32", batch=2, hidden=4, input_size=3, steps=5)
+REFERENCE = [Candidate("fastbptt", "reference", 2, True), Candidate("fastbptt", "reference", 2, False)]
+RECORD_FIELDS = {"key", "case", "candidate", "baseline", "status", "error", "time", "time_per_step_us", "speedup",
+                 "memory", "notes"}
+
+
+def run(case: Case, cands, reps: int = 3) -> dict[str, dict]:
+    return {r["candidate"]["label"]: r for r in runner.run_case(case, [config.TORCH_NN, *cands], 1, reps)}
+
+
+@pytest.mark.parametrize("cell", ["rnn_relu", "gru", "lstm"])
+def test_train_records_every_field_and_ratios_from_the_same_run(cell):
+    recs = run(Case(cell, "train", **TINY), REFERENCE)
+    base = recs["torch.nn"]
+    for label, rec in recs.items():
+        assert set(rec) == RECORD_FIELDS
+        assert rec["status"] == "ok", rec["error"]
+        assert rec["case"]["cell"] == cell and rec["candidate"]["label"] == label
+        for phase in ("forward", "backward", "total"):
+            s = rec["time"][phase]
+            assert s["reps"] == 3 and len(s["samples_ms"]) == 3
+            assert 0 < s["min_ms"] <= s["median_ms"] <= s["max_ms"]
+            assert rec["speedup"][phase] == base["time"][phase]["median_ms"] / s["median_ms"]
+        assert rec["time_per_step_us"] == pytest.approx(rec["time"]["total"]["median_ms"] * 1e3 / 5)
+        mem = rec["memory"]
+        assert mem["saved_bytes"] > 0 and mem["output_bytes"] == 5 * 2 * 4 * 4
+        assert mem["saved_ratio"] == mem["saved_bytes"] / base["memory"]["saved_bytes"]
+        assert mem["saved_to_output"] == mem["saved_bytes"] / mem["output_bytes"]
+        assert mem["peak_bytes"] is None  # GPU only
+    assert base["speedup"]["total"] == 1.0
+    # recompute keeps about the output; torch.nn's GRU and LSTM keep several times more
+    if cell != "rnn_relu":
+        assert recs[REFERENCE[0].label]["memory"]["saved_ratio"] < 0.5
+
+
+def test_infer_times_the_forward_only():
+    recs = run(Case("gru", "infer", **TINY), REFERENCE[:1])
+    for rec in recs.values():
+        assert rec["status"] == "ok"
+        assert rec["time"]["backward"] is None
+        assert rec["time"]["total"] == rec["time"]["forward"]
+        assert rec["memory"]["saved_bytes"] is None
+    cand = recs[REFERENCE[0].label]
+    assert cand["speedup"]["total"] == recs["torch.nn"]["time"]["total"]["median_ms"] / \
+        cand["time"]["total"]["median_ms"]
+
+
+def test_failing_backend_is_reported_not_dropped(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(fastbptt.reference, "gru_forward", broken)
+    recs = run(Case("gru", "train", **TINY), REFERENCE)
+    assert recs["torch.nn"]["status"] == "ok"
+    for cand in REFERENCE:
+        rec = recs[cand.label]
+        assert rec["status"] == "failed"
+        assert "kernel exploded" in rec["error"]
+        assert rec["time"] is None and rec["speedup"]["total"] is None
+
+
+def test_backend_that_cannot_run_here_is_unavailable_with_the_reason():
+    # 'cuda' never takes CPU tensors: unavailable on a CPU-only machine, declined on a GPU one
+    recs = run(Case("lstm", "train", **TINY), [Candidate("fastbptt", "cuda", 2, True)], reps=1)
+    rec = recs["fastbptt[cuda,C=2,recompute]"]
+    assert rec["status"] == "unavailable" and rec["error"]
+
+
+def test_compile_failure_is_reported(monkeypatch):
+    def no_compile(*args, **kwargs):
+        raise RuntimeError("inductor is not usable here")
+
+    monkeypatch.setattr(torch, "compile", no_compile)
+    recs = run(Case("gru", "train", **TINY), [config.COMPILED], reps=1)
+    assert recs["torch.compile"]["status"] == "failed"
+    assert "inductor is not usable here" in recs["torch.compile"]["error"]
+    assert recs["torch.nn"]["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_compiled_cell_loop_runs():
+    recs = run(Case("lstm", "train", **{**TINY, "bidirectional": True}), [config.COMPILED], reps=1)
+    assert recs["torch.compile"]["status"] == "ok", recs["torch.compile"]["error"]
+    assert recs["torch.compile"]["notes"]["first_call_s"] > 0
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "gru", "lstm"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_compiled_loop_maths_matches_torch_nn(cell, bidirectional, monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the loop's maths, without compiling
+    case = Case(cell, "train", **TINY, layers=2, bidirectional=bidirectional)
+    module, x, _ = runner.build_inputs(case)
+    torch.testing.assert_close(runner.compiled_cell_loop(module, cell)(x), module(x)[0])
+
+
+def test_cudnn_algorithm_follows_atens_heuristic():
+    h100 = (9, 0, 132)
+    lstm16 = Case("lstm", "train", "cuda", "float16", 16, 768, 768, 1024)
+    assert runner.cudnn_algorithm(lstm16, *h100, True) == "PERSIST_STATIC"
+    assert runner.cudnn_algorithm(Case(**{**lstm16.__dict__, "cell": "gru"}), *h100, True) == "STANDARD"
+    assert runner.cudnn_algorithm(Case(**{**lstm16.__dict__, "dtype": "bfloat16"}), *h100, True) == "STANDARD"
+    assert runner.cudnn_algorithm(Case(**{**lstm16.__dict__, "batch": 12}), *h100, True) == "STANDARD"
+    assert runner.cudnn_algorithm(Case(**{**lstm16.__dict__, "hidden": 128}), *h100, False) == \
+        "PERSIST_STATIC_SMALL_H"
+
+
+def test_presets_expand():
+    for name in config.PRESETS:
+        items = config.preset(name).items()
+        assert items and all(cands[0].is_baseline for _, cands in items)
+    kernels = config.preset("cpu-kernels").items()
+    assert {(c.batch, c.hidden, c.steps) for c, _ in kernels} == {(32, 256, 128), (8, 512, 256), (128, 128, 128),
+                                                                  (1, 1024, 512)}
+    assert all({x.label for x in cands} >= {"torch.nn", "torch.compile", "fastbptt[cpu,C=32,recompute]",
+                                            "fastbptt[cpu,C=32,keep-gates]"} for _, cands in kernels)
+    gpu = config.preset("gpu-kernels").items()
+    assert {c.steps for c, _ in gpu} == {1024, 4096}
+    assert all(not c.timed for c, _ in gpu if c.steps == 4096)
+
+
+def _bench_args(tmp_path, *extra) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return parser.parse_args(["--cells", "gru", "--batch", "1", "2", "--hidden", "4", "--steps", "3", "6",
+                              "--modes", "train", "--backends", "reference", "--chunk-size", "2",
+                              "--baselines", "torch.nn", "--warmup", "1", "--reps", "2",
+                              "--out", str(tmp_path), "--name", "run", *extra])
+
+
+def test_cli_writes_json_markdown_plots_and_compares(tmp_path, capsys):
+    assert cli.main(_bench_args(tmp_path)) == 0
+    doc = report.load_json(tmp_path / "run.json")
+    env = doc["environment"]
+    for key in ("cpu_model", "threads", "torch", "cuda", "triton", "commit", "machine", "backends"):
+        assert key in env
+    assert len(doc["records"]) == 4 * 3  # (B, T) x (torch.nn, two policies)
+    md = (tmp_path / "run.md").read_text()
+    for rec in doc["records"]:
+        assert rec["key"].split("|")[0] in md  # every record in the detail table
+    printed = capsys.readouterr().out
+    assert "| cell | mode | B | T | torch.nn | reference recompute | reference keep-gates |" in printed
+    assert printed.count("| gru | train |") == 8  # 4 cases, time and memory tables
+    for name in ("speedup-vs-batch", "time_per_step-vs-steps", "memory-vs-steps"):
+        png = tmp_path / f"run-{name}.png"
+        assert png.read_bytes()[:4] == b"\x89PNG"
+
+    # run again and compare with the first run; then compare the two files without running
+    assert cli.main(_bench_args(tmp_path, "--name", "run2", "--compare", str(tmp_path / "run.json"))) == 0
+    text = (tmp_path / "run2-compare.md").read_text()
+    assert "| case | candidate | old ms | new ms | time change |" in text
+    assert text.count("| gru/train/") == 12 and "%" in text
+    capsys.readouterr()
+    assert cli.main(_bench_args(tmp_path, "--compare", str(tmp_path / "run.json"), str(tmp_path / "run2.json"))) == 0
+    assert capsys.readouterr().out.count("| gru/train/") == 12
+
+
+def test_compare_reports_status_changes_and_missing_records(tmp_path):
+    recs = runner.run_case(Case("gru", "train", **TINY), [config.TORCH_NN, *REFERENCE], 0, 1)
+    old = {"format": report.FORMAT, "preset": "a", "environment": {"machine": "m"}, "records": recs}
+    new_recs = json.loads(json.dumps(recs))
+    new_recs[1].update(status="failed", error="boom")
+    new = {**old, "preset": "b", "records": new_recs[:2]}
+    text = report.compare(old, new)
+    assert "ok -> failed (boom)" in text
+    assert "Only in old (1)" in text
