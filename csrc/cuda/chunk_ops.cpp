@@ -1,0 +1,391 @@
+// CUDA implementations of the fastbptt::*_chunk ops (schemas in csrc/ops.cpp; contract and oracle
+// in fastbptt/reference.py).
+//
+// Standard path, per time step: one recurrent product through ATen (cuBLAS, on the current
+// stream, into a buffer allocated once per chunk) and one fused elementwise kernel (launch.h).
+// State, carried gradients and GEMM operands are kept in the accumulation type (float32 for
+// float16/bfloat16), so low precision is computed in float32 and rounded once on the way out,
+// as the reference does. No per-step allocation and no atomics: results are bitwise
+// reproducible run to run.
+//
+// Persistent path (GRU): one cooperative launch per chunk, chosen by FASTBPTT_CUDA_PATH
+// (standard | persistent | auto; default standard). See docs/cuda.md.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "launch.h"
+
+namespace fastbptt {
+namespace cuda {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// ----------------------------------------------------------------------------- checks and helpers
+
+Dtype dtype_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return Dtype::f32;
+    case at::kDouble: return Dtype::f64;
+    case at::kHalf: return Dtype::f16;
+    case at::kBFloat16: return Dtype::bf16;
+    default:
+      TORCH_CHECK(false, "fastbptt CUDA kernels take float32, float64, float16 or bfloat16 tensors, got ",
+                  t.scalar_type());
+  }
+}
+
+at::ScalarType acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
+
+struct Checker {
+  const char* op;
+  const Tensor& like;  // fixes device and dtype
+
+  void operator()(const Tensor& t, const char* name, at::IntArrayRef shape) const {
+    TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
+    TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but the inputs are on ",
+                like.device());
+    TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+                " but the inputs are ", like.scalar_type());
+    TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+    TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  }
+
+  void optional(const OptTensor& t, const char* name, at::IntArrayRef shape) const {
+    if (t.has_value()) (*this)(*t, name, shape);
+  }
+
+  // valid: [C,B] bool or None -> device pointer or nullptr
+  const bool* valid(const OptTensor& v, int64_t C, int64_t B) const {
+    if (!v.has_value()) return nullptr;
+    TORCH_CHECK(v->scalar_type() == at::kBool, op, ": valid must be a bool tensor, got ", v->scalar_type());
+    TORCH_CHECK(v->device() == like.device(), op, ": valid is on ", v->device(), " but the inputs are on ",
+                like.device());
+    TORCH_CHECK(v->sizes() == at::IntArrayRef({C, B}), op, ": valid must have shape [", C, ", ", B, "], got ",
+                v->sizes());
+    TORCH_CHECK(v->is_contiguous(), op, ": valid must be contiguous");
+    return v->data_ptr<bool>();
+  }
+};
+
+void check_rank(const char* op, const Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
+}
+
+// Address of step s of a contiguous [C, ...] tensor (or nullptr for an absent tensor).
+void* at_step(const Tensor& t, int64_t s) {
+  return static_cast<char*>(t.data_ptr()) + s * t.stride(0) * t.element_size();
+}
+void* at_step(const OptTensor& t, int64_t s) { return t.has_value() ? at_step(*t, s) : nullptr; }
+const bool* valid_at(const bool* valid, int64_t s, int64_t B) { return valid == nullptr ? nullptr : valid + s * B; }
+
+Tensor to_acc(const Tensor& t) { return t.to(acc_type(t.scalar_type())); }
+Tensor fresh_acc(const Tensor& t) { return t.to(acc_type(t.scalar_type()), false, /*copy=*/true); }
+// A fresh tensor of dtype `like`; `acc` is already fresh and owned here, so no copy when equal.
+Tensor from_acc(const Tensor& acc, const Tensor& like) {
+  return acc.scalar_type() == like.scalar_type() ? acc : acc.to(like.scalar_type());
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// out [B,N] = a [B,K] @ w_t, where w_t = W^T is a view of W [N,K] made once per chunk.
+void mm_into(Tensor& out, const Tensor& a, const Tensor& w_t) { at::mm_out(out, a, w_t); }
+
+// ----------------------------------------------------------------------------- path choice
+
+constexpr int64_t kAutoPersistentMaxBatch = 64;  // placeholder until measured on a GPU
+
+std::string path_mode() {
+  const char* env = std::getenv("FASTBPTT_CUDA_PATH");
+  std::string mode = env == nullptr || *env == '\0' ? "standard" : env;
+  TORCH_CHECK(mode == "standard" || mode == "persistent" || mode == "auto",
+              "FASTBPTT_CUDA_PATH must be standard, persistent or auto, got '", mode, "'");
+  return mode;
+}
+
+// Why the persistent kernel of `cell` cannot take this case, or "" if it can.
+std::string persistent_decline(const char* cell, Dtype dt, int64_t B, int64_t H) {
+  if (std::string(cell) == "gru") return persistent_gru_decline(dt, B, H);
+  return "there is no persistent kernel for this cell yet";
+}
+
+// True when this call runs the persistent kernel. A forced path that cannot run raises with the
+// reason (a clean decline, nothing launched); auto falls back to the standard path.
+bool use_persistent(const char* cell, Dtype dt, int64_t B, int64_t H) {
+  const std::string mode = path_mode();
+  if (mode == "standard") return false;
+  const std::string why = persistent_decline(cell, dt, B, H);
+  if (mode == "persistent") {
+    TORCH_CHECK(why.empty(), "FASTBPTT_CUDA_PATH=persistent, but the persistent ", cell, " kernel declines B=", B,
+                ", H=", H, ": ", why, ". Use FASTBPTT_CUDA_PATH=auto to fall back to the standard path.");
+    return true;
+  }
+  return why.empty() && B <= kAutoPersistentMaxBatch;
+}
+
+// ----------------------------------------------------------------------------- RNN
+
+Tensor rnn_forward_chunk_cuda(const Tensor& pre_in, const Tensor& h0, const Tensor& w_hh, const OptTensor& valid,
+                              Tensor& out, bool relu) {
+  const char* op = "fastbptt::rnn_forward_chunk";
+  check_rank(op, pre_in, "pre_in", 3);
+  const int64_t C = pre_in.size(0), B = pre_in.size(1), H = pre_in.size(2);
+  const Checker check{op, pre_in};
+  check(pre_in, "pre_in", {C, B, H});
+  check(h0, "h0", {B, H});
+  check(w_hh, "w_hh", {H, H});
+  check(out, "out", {C, B, H});
+  const bool* v = check.valid(valid, C, B);
+  const c10::cuda::CUDAGuard guard(pre_in.device());
+  const cudaStream_t stream = current_stream();
+  const Dtype dt = dtype_of(pre_in);
+
+  const Tensor w_t = to_acc(w_hh).t();
+  Tensor h = fresh_acc(h0);
+  Tensor gh = at::empty({B, H}, h.options());
+  for (int64_t t = 0; t < C; ++t) {
+    mm_into(gh, h, w_t);
+    rnn_forward_step(dt, at_step(pre_in, t), gh.data_ptr(), h.data_ptr(), at_step(out, t), valid_at(v, t, B), B, H,
+                     relu, stream);
+  }
+  return from_acc(h, pre_in);
+}
+
+std::tuple<Tensor, Tensor> rnn_backward_chunk_cuda(const Tensor& out, const Tensor& w_hh, const Tensor& grad_out,
+                                                   const Tensor& grad_h_n, const OptTensor& valid, bool relu) {
+  const char* op = "fastbptt::rnn_backward_chunk";
+  check_rank(op, out, "out", 3);
+  const int64_t C = out.size(0), B = out.size(1), H = out.size(2);
+  const Checker check{op, out};
+  check(out, "out", {C, B, H});
+  check(w_hh, "w_hh", {H, H});
+  check(grad_out, "grad_out", {C, B, H});
+  check(grad_h_n, "grad_h_n", {B, H});
+  const bool* v = check.valid(valid, C, B);
+  const c10::cuda::CUDAGuard guard(out.device());
+  const cudaStream_t stream = current_stream();
+  const Dtype dt = dtype_of(out);
+
+  const Tensor w = to_acc(w_hh);
+  Tensor dh = fresh_acc(grad_h_n);
+  Tensor d_acc = at::empty({B, H}, dh.options());
+  Tensor grad_pre = at::empty_like(out);
+  for (int64_t t = C - 1; t >= 0; --t) {
+    rnn_backward_step(dt, at_step(out, t), at_step(grad_out, t), dh.data_ptr(), at_step(grad_pre, t),
+                      d_acc.data_ptr(), valid_at(v, t, B), B, H, relu, stream);
+    dh.addmm_(d_acc, w);  // dh [B,H] += d [B,H] @ W_hh [H,H]
+  }
+  return {grad_pre, from_acc(dh, out)};
+}
+
+// ----------------------------------------------------------------------------- GRU
+
+Tensor gru_forward_chunk_cuda(const Tensor& gi, const Tensor& h0, const Tensor& w_hh, const OptTensor& b_hh,
+                              const OptTensor& valid, Tensor& out, const OptTensor& gh_out) {
+  const char* op = "fastbptt::gru_forward_chunk";
+  check_rank(op, gi, "gi", 3);
+  TORCH_CHECK(gi.size(2) % 3 == 0, op, ": gi must have 3H columns, got ", gi.size(2));
+  const int64_t C = gi.size(0), B = gi.size(1), H = gi.size(2) / 3;
+  const Checker check{op, gi};
+  check(gi, "gi", {C, B, 3 * H});
+  check(h0, "h0", {B, H});
+  check(w_hh, "w_hh", {3 * H, H});
+  check.optional(b_hh, "b_hh", {3 * H});
+  check(out, "out", {C, B, H});
+  check.optional(gh_out, "gh_out", {C, B, 3 * H});
+  const bool* v = check.valid(valid, C, B);
+  const c10::cuda::CUDAGuard guard(gi.device());
+  const cudaStream_t stream = current_stream();
+  const Dtype dt = dtype_of(gi);
+  const void* bias = b_hh.has_value() ? b_hh->data_ptr() : nullptr;
+
+  if (C > 0 && use_persistent("gru", dt, B, H)) {
+    Tensor h_buf = at::empty({2, B, H}, gi.options().dtype(at::kFloat));
+    h_buf.select(0, 0).copy_(h0);
+    const std::string err = persistent_gru_forward(dt, gi.data_ptr(), w_hh.data_ptr(), bias, v, out.data_ptr(),
+                                                   at_step(gh_out, 0), h_buf.data_ptr<float>(), C, B, H, stream);
+    TORCH_CHECK(err.empty(), op, ": persistent kernel failed: ", err);
+    return h_buf.select(0, C % 2).to(gi.scalar_type(), false, /*copy=*/true);
+  }
+
+  const Tensor w_t = to_acc(w_hh).t();
+  Tensor h = fresh_acc(h0);
+  Tensor gh = at::empty({B, 3 * H}, h.options());
+  for (int64_t t = 0; t < C; ++t) {
+    mm_into(gh, h, w_t);
+    gru_forward_step(dt, at_step(gi, t), gh.data_ptr(), bias, h.data_ptr(), at_step(out, t), at_step(gh_out, t),
+                     valid_at(v, t, B), B, H, stream);
+  }
+  return from_acc(h, gi);
+}
+
+std::tuple<Tensor, Tensor, Tensor> gru_backward_chunk_cuda(const Tensor& gi, const Tensor& gh, const Tensor& h_prev,
+                                                           const Tensor& w_hh, const Tensor& grad_out,
+                                                           const Tensor& grad_h_n, const OptTensor& valid) {
+  const char* op = "fastbptt::gru_backward_chunk";
+  check_rank(op, gi, "gi", 3);
+  TORCH_CHECK(gi.size(2) % 3 == 0, op, ": gi must have 3H columns, got ", gi.size(2));
+  const int64_t C = gi.size(0), B = gi.size(1), H = gi.size(2) / 3;
+  const Checker check{op, gi};
+  check(gi, "gi", {C, B, 3 * H});
+  check(gh, "gh", {C, B, 3 * H});
+  check(h_prev, "h_prev", {C, B, H});
+  check(w_hh, "w_hh", {3 * H, H});
+  check(grad_out, "grad_out", {C, B, H});
+  check(grad_h_n, "grad_h_n", {B, H});
+  const bool* v = check.valid(valid, C, B);
+  const c10::cuda::CUDAGuard guard(gi.device());
+  const cudaStream_t stream = current_stream();
+  const Dtype dt = dtype_of(gi);
+  Tensor grad_gi = at::empty_like(gi), grad_gh = at::empty_like(gh);
+
+  if (C > 0 && use_persistent("gru", dt, B, H)) {
+    Tensor dh = grad_h_n.to(at::kFloat, false, /*copy=*/true);
+    Tensor dgh_buf = at::empty({2, B, 3 * H}, dh.options());
+    const std::string err =
+        persistent_gru_backward(dt, gi.data_ptr(), gh.data_ptr(), h_prev.data_ptr(), w_hh.data_ptr(),
+                                grad_out.data_ptr(), v, grad_gi.data_ptr(), grad_gh.data_ptr(), dh.data_ptr<float>(),
+                                dgh_buf.data_ptr<float>(), C, B, H, stream);
+    TORCH_CHECK(err.empty(), op, ": persistent kernel failed: ", err);
+    return {grad_gi, grad_gh, from_acc(dh, gi)};
+  }
+
+  const Tensor w = to_acc(w_hh);
+  Tensor dh = fresh_acc(grad_h_n);
+  Tensor d_gh = at::empty({B, 3 * H}, dh.options());
+  for (int64_t t = C - 1; t >= 0; --t) {
+    gru_backward_step(dt, at_step(gi, t), at_step(gh, t), at_step(h_prev, t), at_step(grad_out, t), dh.data_ptr(),
+                      at_step(grad_gi, t), at_step(grad_gh, t), d_gh.data_ptr(), valid_at(v, t, B), B, H, stream);
+    dh.addmm_(d_gh, w);  // dh [B,H] += d_gh [B,3H] @ W_hh [3H,H]
+  }
+  return {grad_gi, grad_gh, from_acc(dh, gi)};
+}
+
+// ----------------------------------------------------------------------------- LSTM
+
+std::tuple<Tensor, Tensor> lstm_forward_chunk_cuda(const Tensor& gates_in, const Tensor& h0, const Tensor& c0,
+                                                   const Tensor& w_hh, const OptTensor& w_hr, const OptTensor& valid,
+                                                   Tensor& out, const OptTensor& gates_out) {
+  const char* op = "fastbptt::lstm_forward_chunk";
+  check_rank(op, gates_in, "gates_in", 3);
+  check_rank(op, h0, "h0", 2);
+  TORCH_CHECK(gates_in.size(2) % 4 == 0, op, ": gates_in must have 4H columns, got ", gates_in.size(2));
+  const int64_t C = gates_in.size(0), B = gates_in.size(1), H = gates_in.size(2) / 4, P = h0.size(1);
+  TORCH_CHECK(w_hr.has_value() || P == H, op, ": h0 has ", P, " columns but H=", H, " and there is no projection");
+  const Checker check{op, gates_in};
+  check(gates_in, "gates_in", {C, B, 4 * H});
+  check(h0, "h0", {B, P});
+  check(c0, "c0", {B, H});
+  check(w_hh, "w_hh", {4 * H, P});
+  check.optional(w_hr, "w_hr", {P, H});
+  check(out, "out", {C, B, P});
+  check.optional(gates_out, "gates_out", {C, B, 4 * H});
+  const bool* v = check.valid(valid, C, B);
+  const c10::cuda::CUDAGuard guard(gates_in.device());
+  const cudaStream_t stream = current_stream();
+  const Dtype dt = dtype_of(gates_in);
+
+  const Tensor w_t = to_acc(w_hh).t();
+  Tensor h = fresh_acc(h0), c = fresh_acc(c0);
+  Tensor gsum = at::empty({B, 4 * H}, h.options());
+  if (!w_hr.has_value()) {
+    for (int64_t t = 0; t < C; ++t) {
+      mm_into(gsum, h, w_t);
+      lstm_forward_step(dt, at_step(gates_in, t), gsum.data_ptr(), c.data_ptr(), h.data_ptr(), at_step(out, t),
+                        at_step(gates_out, t), nullptr, valid_at(v, t, B), B, H, stream);
+    }
+  } else {
+    const Tensor w_hr_t = to_acc(*w_hr).t();
+    Tensor m = at::empty({B, H}, h.options()), hp = at::empty({B, P}, h.options());
+    for (int64_t t = 0; t < C; ++t) {
+      mm_into(gsum, h, w_t);
+      lstm_forward_step(dt, at_step(gates_in, t), gsum.data_ptr(), c.data_ptr(), nullptr, nullptr,
+                        at_step(gates_out, t), m.data_ptr(), valid_at(v, t, B), B, H, stream);
+      mm_into(hp, m, w_hr_t);  // h' [B,P] = m [B,H] @ W_hr^T
+      masked_state_update(dt, hp.data_ptr(), h.data_ptr(), at_step(out, t), valid_at(v, t, B), B, P, stream);
+    }
+  }
+  return {from_acc(h, gates_in), from_acc(c, gates_in)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward_chunk_cuda(const Tensor& gates, const Tensor& c0,
+                                                                    const Tensor& w_hh, const OptTensor& w_hr,
+                                                                    const Tensor& grad_out, const Tensor& grad_h_n,
+                                                                    const Tensor& grad_c_n, const OptTensor& valid) {
+  const char* op = "fastbptt::lstm_backward_chunk";
+  check_rank(op, gates, "gates", 3);
+  check_rank(op, grad_h_n, "grad_h_n", 2);
+  TORCH_CHECK(gates.size(2) % 4 == 0, op, ": gates must have 4H columns, got ", gates.size(2));
+  const int64_t C = gates.size(0), B = gates.size(1), H = gates.size(2) / 4, P = grad_h_n.size(1);
+  TORCH_CHECK(w_hr.has_value() || P == H, op, ": grad_h_n has ", P, " columns but H=", H,
+              " and there is no projection");
+  const Checker check{op, gates};
+  check(gates, "gates", {C, B, 4 * H});
+  check(c0, "c0", {B, H});
+  check(w_hh, "w_hh", {4 * H, P});
+  check.optional(w_hr, "w_hr", {P, H});
+  check(grad_out, "grad_out", {C, B, P});
+  check(grad_h_n, "grad_h_n", {B, P});
+  check(grad_c_n, "grad_c_n", {B, H});
+  const bool* v = check.valid(valid, C, B);
+  const c10::cuda::CUDAGuard guard(gates.device());
+  const cudaStream_t stream = current_stream();
+  const Dtype dt = dtype_of(gates);
+
+  const bool proj = w_hr.has_value();
+  const Tensor w = to_acc(w_hh);
+  Tensor dh = fresh_acc(grad_h_n), dc = fresh_acc(grad_c_n);
+  const auto acc_opts = dh.options();
+  // One launch recomputes every cell state of the chunk (and m = o * tanh(c) for W_hr's gradient).
+  Tensor c_states = at::empty({C + 1, B, H}, acc_opts);
+  Tensor m_all = proj ? at::empty({C, B, H}, acc_opts) : Tensor();
+  lstm_cell_scan(dt, gates.data_ptr(), c0.data_ptr(), c_states.data_ptr(), proj ? m_all.data_ptr() : nullptr, v, C,
+                 B, H, stream);
+  Tensor grad_gates = at::empty_like(gates);
+  Tensor d_gates = at::empty({B, 4 * H}, acc_opts);
+  Tensor dh_all, dm, w_hr_acc;
+  if (proj) {
+    dh_all = at::empty({C, B, P}, acc_opts);  // masked dh_t of every step, for W_hr's gradient
+    dm = at::empty({B, H}, acc_opts);
+    w_hr_acc = to_acc(*w_hr);
+  }
+  for (int64_t t = C - 1; t >= 0; --t) {
+    const bool* v_t = valid_at(v, t, B);
+    if (proj) {
+      lstm_output_grad(dt, at_step(grad_out, t), dh.data_ptr(), at_step(dh_all, t), v_t, B, P, stream);
+      at::mm_out(dm, dh_all.select(0, t), w_hr_acc);  // dm [B,H] = dh_t [B,P] @ W_hr [P,H]
+    }
+    lstm_backward_step(dt, at_step(gates, t), at_step(c_states, t), at_step(c_states, t + 1),
+                       proj ? dm.data_ptr() : nullptr, dh.data_ptr(), at_step(grad_out, t), dc.data_ptr(),
+                       at_step(grad_gates, t), d_gates.data_ptr(), v_t, B, H, stream);
+    dh.addmm_(d_gates, w);  // dh [B,P] += d_gates [B,4H] @ W_hh [4H,P]
+  }
+  // grad W_hr [P,H] = sum_t dh_t^T m_t, one product over the chunk (no atomics).
+  Tensor grad_w_hr = proj ? from_acc(at::mm(dh_all.view({C * B, P}).t(), m_all.view({C * B, H})), gates)
+                          : at::empty({0}, gates.options());
+  return {grad_gates, from_acc(dh, gates), from_acc(dc, gates), grad_w_hr};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fastbptt
+
+TORCH_LIBRARY_IMPL(fastbptt, CUDA, m) {
+  m.impl("rnn_forward_chunk", &fastbptt::cuda::rnn_forward_chunk_cuda);
+  m.impl("rnn_backward_chunk", &fastbptt::cuda::rnn_backward_chunk_cuda);
+  m.impl("gru_forward_chunk", &fastbptt::cuda::gru_forward_chunk_cuda);
+  m.impl("gru_backward_chunk", &fastbptt::cuda::gru_backward_chunk_cuda);
+  m.impl("lstm_forward_chunk", &fastbptt::cuda::lstm_forward_chunk_cuda);
+  m.impl("lstm_backward_chunk", &fastbptt::cuda::lstm_backward_chunk_cuda);
+}
