@@ -1,0 +1,228 @@
+"""The character language model: vocabulary, corpus preparation, model, generation, and the
+``fastbptt train / predict / sweep`` commands end to end on the tiny shipped corpus."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastbptt.cli import main
+from fastbptt.lm import CharLM, LMConfig, Vocabulary, generate, next_char_distribution, tiny_corpus_path, warm_up
+from fastbptt.lm import data as lm_data
+
+TINY = str(tiny_corpus_path())
+SMALL = ["--hidden-size", "16", "--embedding-dim", "8", "--batch-size", "4", "--num-steps", "16",
+         "--val-fraction", "0.1", "--eval-batch-size", "2", "--no-progress", "--threads", "1", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- data
+def test_tiny_corpus_is_shipped_pinyin():
+    text = Path(TINY).read_text(encoding="utf-8")
+    assert 2000 < len(text) < 10_000
+    assert text.startswith("ni hao")
+    assert set(text) <= set("abcdefghijklmnopqrstuvwxyz0123456789 ,.;:!?'\"()%-\n")
+
+
+def test_vocabulary_roundtrip_unknown_and_state():
+    vocab = Vocabulary.from_text("ni hao")
+    assert len(vocab) == 7 and vocab.itos[0] == "<unk>"  # " ahino" and <unk>
+    ids = vocab.encode("hao ni")
+    assert vocab.decode(ids) == "hao ni"
+    assert vocab.encode("nix").tolist()[-1] == 0            # unknown -> <unk>
+    with pytest.raises(ValueError, match=r"not in the model's vocabulary: 'xz'"):
+        vocab.encode("zixn", strict=True)
+    assert Vocabulary.from_state_dict(vocab.state_dict()) == vocab
+
+
+def test_pinyin_conversion_of_tagged_text():
+    pytest.importorskip("pypinyin")
+    line = "迈向/v  充满/v  希望/n  的/u  新/a  世纪/n  ——/w  一九九八年/t  （/w  附/v  图片/n  １/m  张/q  ）/w"
+    assert lm_data.strip_tags(line) == "迈向充满希望的新世纪——一九九八年（附图片１张）"
+    assert lm_data.strip_tags("[中央/n  人民/n  广播/vn  电台/n]nt  。/w") == "中央人民广播电台。"
+    text = lm_data.to_pinyin([lm_data.strip_tags(line), "你好，世界。"], progress=False)
+    assert text == "mai xiang chong man xi wang de xin shi ji -- yi jiu jiu ba nian (fu tu pian 1 zhang)\n" \
+                   "ni hao, shi jie.\n"
+
+
+def test_load_text_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--text: file not found"):
+        lm_data.load_text(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(ValueError, match="--text: .* is empty"):
+        lm_data.load_text(tmp_path / "empty.txt")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        lm_data.load_text(tmp_path / "latin1.txt")
+    with pytest.raises(IsADirectoryError, match="got a directory"):
+        lm_data.load_text(tmp_path)
+    with pytest.raises(ValueError, match="too short to split"):
+        lm_data.split_text("abc", 0.1)
+
+
+def test_default_corpus_uses_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTBPTT_CACHE", str(tmp_path))
+    (tmp_path / lm_data.DEFAULT_CORPUS_NAME).write_text("ni hao\n")
+    assert lm_data.default_corpus(progress=False, log=lambda m: pytest.fail("converted again")) == "ni hao\n"
+
+
+# ----------------------------------------------------------------------------- model
+@pytest.mark.parametrize("cell,embedding", [("rnn", 0), ("gru", 8), ("lstm", 8)])
+def test_model_shapes_and_zero_initial_state(cell, embedding):
+    model = CharLM(LMConfig(vocab_size=11, cell=cell, hidden_size=6, num_layers=2, embedding_dim=embedding)).double()
+    tokens = torch.randint(0, 11, (3, 5))
+    logits, state = model(tokens)
+    assert logits.shape == (3, 5, 11)
+    h = state[0] if cell == "lstm" else state
+    assert h.shape == (2, 3, 6)
+    zeros = torch.zeros(2, 3, 6, dtype=torch.float64)
+    again, _ = model(tokens, (zeros, zeros) if cell == "lstm" else zeros)
+    torch.testing.assert_close(again, logits)
+    # carrying the state over a split equals one pass
+    a, s = model(tokens[:, :2])
+    b, _ = model(tokens[:, 2:], s)
+    torch.testing.assert_close(torch.cat([a, b], 1), logits)
+
+
+def test_model_config_errors():
+    with pytest.raises(ValueError, match="cell must be one of"):
+        LMConfig(vocab_size=5, cell="transformer").validate()
+    with pytest.raises(ValueError, match="hidden_size must be an integer >= 1"):
+        LMConfig(vocab_size=5, hidden_size=0).validate()
+
+
+# ----------------------------------------------------------------------------- generation
+def test_generation_warm_up_greedy_and_sampling():
+    vocab = Vocabulary.from_text("abc ")
+    torch.manual_seed(0)
+    model = CharLM(LMConfig(vocab_size=len(vocab), hidden_size=8, embedding_dim=4))
+    logits, state = warm_up(model, vocab, "ab c")
+    full, _ = model(vocab.encode("ab c")[None])
+    torch.testing.assert_close(logits, full[0, -1])
+    top = next_char_distribution(model, vocab, "ab c", top_k=3)
+    assert len(top) == 3 and top[0][1] >= top[1][1] >= top[2][1]
+    assert sum(p for _, p in next_char_distribution(model, vocab, "ab c", top_k=10)) == pytest.approx(1.0)
+    greedy = generate(model, vocab, "ab c", 12)
+    assert len(greedy) == 12 and greedy == generate(model, vocab, "ab c", 12)
+    assert greedy[0] == top[0][0]
+    s1 = generate(model, vocab, "ab", 20, strategy="sample", generator=torch.Generator().manual_seed(1))
+    s2 = generate(model, vocab, "ab", 20, strategy="sample", generator=torch.Generator().manual_seed(1))
+    assert s1 == s2 and set(s1) <= set("abc ")
+    only = generate(model, vocab, "ab", 20, strategy="sample", top_k=1, generator=torch.Generator().manual_seed(2))
+    assert only == generate(model, vocab, "ab", 20)            # top-1 sampling is greedy
+    with pytest.raises(ValueError, match="--prefix 'abz': characters not in the model's vocabulary: 'z'"):
+        generate(model, vocab, "abz", 3)
+    with pytest.raises(ValueError, match="--prefix must be a non-empty string"):
+        generate(model, vocab, "", 3)
+    with pytest.raises(ValueError, match="--steps must be an integer >= 1"):
+        generate(model, vocab, "ab", 0)
+
+
+# ----------------------------------------------------------------------------- the commands
+def test_train_predict_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--text", TINY, *SMALL, "--max-steps", "30", "--eval-every", "10", "--lr", "0.01",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "validation perplexity" in printed
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_ppl"] for r in records if r["kind"] == "val"]
+    assert len(val) == 3 and val[-1] < val[0]
+    assert (out / "curves.png").stat().st_size > 1000
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["extra"]["model"]["cell"] == "gru" and "chars" in ckpt["extra"]["vocab"]
+
+    assert main(["predict", "--checkpoint", str(out / "checkpoint.pt"), "--prefix", "ni hao", "--steps", "10"]) == 0
+    printed = capsys.readouterr().out
+    assert "next character (top 5)" in printed and "greedy, 10 steps" in printed and "sample 2" in printed
+
+    assert main(["predict", "--checkpoint", str(out / "checkpoint.pt"), "--prefix", "ni hao 世界"]) == 2
+    err = capsys.readouterr().err
+    assert "--prefix 'ni hao 世界': characters not in the model's vocabulary: '世界'" in err
+
+    # the torch.nn baseline reads the same checkpoint
+    assert main(["predict", "--checkpoint", str(out / "checkpoint.pt"), "--prefix", "ni", "--steps", "5",
+                 "--baseline", "torch"]) == 0
+    assert "torch.nn" in capsys.readouterr().out
+
+
+def _cli(*args, cwd=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "fastbptt", *args], capture_output=True, text=True, env=env,
+                          timeout=120, cwd=cwd)
+
+
+def test_resume_from_the_command_line_is_bit_for_bit(tmp_path):
+    """Two processes: 8 updates, stop, resume to 16 == 16 updates straight (torch.equal)."""
+    common = ["train", "--text", TINY, *SMALL, "--k2", "24", "--dropout", "0.2", "--num-layers", "2",
+              "--schedule", "exponential", "--decay-steps", "4", "--eval-every", "4"]
+    straight = _cli(*common, "--max-steps", "16", "--out", str(tmp_path / "a"))
+    assert straight.returncode == 0, straight.stderr
+    first = _cli(*common, "--max-steps", "8", "--out", str(tmp_path / "b"))
+    assert first.returncode == 0, first.stderr
+    resumed = _cli(*common, "--max-steps", "16", "--out", str(tmp_path / "b"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from step 8" in resumed.stderr
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    for name, p in a["model"].items():
+        assert torch.equal(p, b["model"][name]), name
+    assert a["progress"]["last_val"] == b["progress"]["last_val"]
+
+    def validations(run):
+        records = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["val_loss"]) for r in records if r["kind"] == "val"]
+
+    assert validations("b") == validations("a") and len(validations("a")) == 4
+
+
+def test_bad_input_gives_clear_messages(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["train", "--text", str(empty), *SMALL]) == 2
+    assert "--text" in capsys.readouterr().err
+    assert main(["train", "--text", str(tmp_path / "nope.txt"), *SMALL]) == 2
+    assert "--text: file not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--text", TINY, "--num-steps", "0"])
+    assert exc.value.code == 2
+    assert "argument --num-steps/--k1: expected an integer >= 1, got '0'" in capsys.readouterr().err
+    assert main(["train", "--text", TINY, *SMALL, "--k2", "8", "--out", str(tmp_path / "x")]) == 2
+    assert "k2 (steps backpropagated, 8) must be >= k1" in capsys.readouterr().err
+
+    # a checkpoint from another model
+    out = tmp_path / "run"
+    assert main(["train", "--text", TINY, *SMALL, "--max-steps", "2", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--text", TINY, *SMALL, "--hidden-size", "24", "--cell", "lstm", "--max-steps", "4",
+                 "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume: the checkpoint holds another model: cell='gru' (asked for 'lstm'), hidden_size=16" in err
+    torch.save({"state_dict": {"w": torch.ones(1)}}, tmp_path / "foreign.pt")
+    assert main(["predict", "--checkpoint", str(tmp_path / "foreign.pt"), "--prefix", "ni"]) == 2
+    assert "not a fastbptt training checkpoint" in capsys.readouterr().err
+    assert main(["predict", "--checkpoint", str(tmp_path / "none.pt"), "--prefix", "ni"]) == 2
+    assert "--checkpoint: checkpoint not found" in capsys.readouterr().err
+
+
+def test_sweep_writes_table_and_plot(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--text", TINY, *SMALL[:-4], "--num-steps", "4", "8", "--budget-seconds", "0.5",
+                 "--baseline", "torch", "--threads", "1", "--out", str(out)]) == 0
+    rows = (out / "sweep.csv").read_text().splitlines()
+    assert rows[0].startswith("num_steps,impl,updates") and len(rows) == 5
+    table = (out / "sweep.md").read_text()
+    assert "| 8 | torch |" in table and "| 4 | fastbptt |" in table
+    assert (out / "sweep.png").stat().st_size > 1000
