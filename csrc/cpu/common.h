@@ -1,0 +1,137 @@
+// Shared pieces of the fused CPU chunk kernels (csrc/cpu/{rnn,gru,lstm}.cpp).
+//
+// Every kernel follows the same shape: per step one recurrent matrix product through ATen
+// (MKL) into a buffer allocated once per chunk, then one fused elementwise pass over the batch
+// rows (parallel with at::parallel_for) that applies all gate activations and the state update,
+// or all gate gradients. The row passes are plain loops over the hidden units that the compiler
+// vectorizes; on x86-64 with GCC each is also compiled for AVX2+FMA and picked at load time
+// (target_clones), so the default build stays portable.
+//
+// bfloat16: the kernels compute in float32. The op converts its inputs once, runs the float32
+// kernel (carried state and gradients stay float32 for the whole chunk) and rounds the results
+// once on the way out, exactly as the reference backend does.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <string>
+
+namespace fastbptt {
+namespace cpu {
+
+using at::Tensor;
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FASTBPTT_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define FASTBPTT_CLONES
+#endif
+
+#if defined(__GNUC__)
+#define FASTBPTT_INLINE inline __attribute__((always_inline))
+#else
+#define FASTBPTT_INLINE inline
+#endif
+
+// ----------------------------------------------------------------------------- activations
+//
+// float32: branch-free exp (Cody-Waite range reduction and a degree-6 polynomial, about 1 ulp)
+// so the row loops vectorize; float64 uses libm.
+
+FASTBPTT_INLINE float exp_f32(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  // round(x / ln 2) with the 1.5 * 2^23 trick: exact for |v| < 2^22, vectorizes everywhere
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+FASTBPTT_INLINE float sigmoid_act(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
+FASTBPTT_INLINE double sigmoid_act(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+FASTBPTT_INLINE float tanh_act(float x) {
+  const float a = x < 0.0f ? -x : x;
+  const float e = exp_f32(-2.0f * a);
+  const float t = (1.0f - e) / (1.0f + e);
+  return x < 0.0f ? -t : t;
+}
+FASTBPTT_INLINE double tanh_act(double x) { return std::tanh(x); }
+
+// ----------------------------------------------------------------------------- helpers
+
+// Rows per parallel task: enough elementwise work (~16k values) to pay for a fork.
+inline int64_t row_grain(int64_t values_per_row) {
+  const int64_t grain = 16384 / (values_per_row > 0 ? values_per_row : 1);
+  return grain < 1 ? 1 : grain;
+}
+
+// valid: [C, B] bool or none -> pointer to step t's row flags (nullptr: every row valid)
+inline const bool* valid_row(const bool* valid, int64_t t, int64_t batch) {
+  return valid == nullptr ? nullptr : valid + t * batch;
+}
+
+inline const char* dtype_name(at::ScalarType t) { return c10::toString(t); }
+
+inline void check_cpu_tensor(const Tensor& t, const char* op, const char* name, at::ScalarType dtype,
+                             int64_t dims) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": expected ", name, " on the CPU, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": expected ", name, " to have dtype ", dtype_name(dtype),
+              " like the first input, got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK(t.dim() == dims, op, ": expected ", name, " to have ", dims, " dimensions, got ", t.dim(),
+              " (shape ", t.sizes(), ")");
+  TORCH_CHECK(t.is_contiguous(), op, ": expected ", name, " to be contiguous");
+}
+
+inline void check_shape(const Tensor& t, at::IntArrayRef want, const char* op, const char* name) {
+  TORCH_CHECK(t.sizes() == want, op, ": expected ", name, " of shape ", want, ", got ", t.sizes());
+}
+
+inline void check_first(const Tensor& t, const char* op, const char* name) {
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16, op, ": ", name,
+              " must be float32, float64 or bfloat16, got ", dtype_name(dtype));
+  TORCH_CHECK(t.dim() == 3, op, ": expected ", name, " to have 3 dimensions [C, B, *], got ", t.dim(),
+              " (shape ", t.sizes(), ")");
+}
+
+inline void check_valid(const std::optional<Tensor>& valid, int64_t steps, int64_t batch, const char* op) {
+  if (!valid.has_value()) return;
+  const Tensor& v = *valid;
+  TORCH_CHECK(v.device().is_cpu(), op, ": expected valid on the CPU, got ", v.device());
+  TORCH_CHECK(v.scalar_type() == at::kBool, op, ": expected valid to be a bool mask, got ",
+              dtype_name(v.scalar_type()));
+  TORCH_CHECK(v.sizes() == at::IntArrayRef({steps, batch}), op, ": expected valid of shape [", steps, ", ",
+              batch, "], got ", v.sizes());
+  TORCH_CHECK(v.is_contiguous(), op, ": expected valid to be contiguous");
+}
+
+inline const bool* valid_ptr(const std::optional<Tensor>& valid) {
+  return valid.has_value() ? valid->data_ptr<bool>() : nullptr;
+}
+
+// Low precision runs on float32 copies; these move tensors across.
+inline Tensor up(const Tensor& t) { return t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t; }
+inline std::optional<Tensor> up(const std::optional<Tensor>& t) {
+  return t.has_value() ? std::optional<Tensor>(up(*t)) : std::nullopt;
+}
+inline Tensor down(const Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+
+}  // namespace cpu
+}  // namespace fastbptt

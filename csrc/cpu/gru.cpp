@@ -1,0 +1,250 @@
+// Fused GRU chunk kernels (CPU): fastbptt::gru_forward_chunk, fastbptt::gru_backward_chunk.
+//
+// Gate layout [r, z, n] in blocks of H columns (fastbptt/cells.py):
+//   r = sigmoid(gi_r + gh_r), z = sigmoid(gi_z + gh_z), n = tanh(gi_n + r * gh_n)
+//   h' = (1 - z) * n + z * h
+#include "common.h"
+
+namespace fastbptt {
+namespace cpu {
+namespace {
+
+// ----------------------------------------------------------------------------- row passes
+
+// gi, gh: [B, 3H] this step; h: [B, H] carried state (updated in place); out: [B, H]
+template <typename T>
+FASTBPTT_INLINE void gru_forward_rows(const T* __restrict__ gi, const T* __restrict__ gh, T* __restrict__ h,
+                                      T* __restrict__ out, const bool* valid, int64_t H, int64_t b0,
+                                      int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    T* __restrict__ hb = h + b * H;
+    T* __restrict__ ob = out + b * H;
+    if (valid != nullptr && !valid[b]) {
+      for (int64_t j = 0; j < H; ++j) ob[j] = T(0);
+      continue;
+    }
+    const T* __restrict__ ib = gi + b * 3 * H;
+    const T* __restrict__ hh = gh + b * 3 * H;
+    for (int64_t j = 0; j < H; ++j) {
+      const T r = sigmoid_act(ib[j] + hh[j]);
+      const T z = sigmoid_act(ib[H + j] + hh[H + j]);
+      const T n = tanh_act(ib[2 * H + j] + r * hh[2 * H + j]);
+      const T hn = (T(1) - z) * n + z * hb[j];
+      hb[j] = hn;
+      ob[j] = hn;
+    }
+  }
+}
+
+// gi, gh: [B, 3H]; h_prev, grad_out: [B, H]; dh: [B, H] carried gradient, replaced by its
+// direct term z * dh_total (the recurrent product is added afterwards); d_gi, d_gh: [B, 3H]
+template <typename T>
+FASTBPTT_INLINE void gru_backward_rows(const T* __restrict__ gi, const T* __restrict__ gh,
+                                       const T* __restrict__ h_prev, const T* __restrict__ grad_out,
+                                       T* __restrict__ dh, T* __restrict__ d_gi, T* __restrict__ d_gh,
+                                       const bool* valid, int64_t H, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    T* __restrict__ dgi = d_gi + b * 3 * H;
+    T* __restrict__ dgh = d_gh + b * 3 * H;
+    if (valid != nullptr && !valid[b]) {  // padding: no gate gradient, dh passes through
+      for (int64_t j = 0; j < 3 * H; ++j) {
+        dgi[j] = T(0);
+        dgh[j] = T(0);
+      }
+      continue;
+    }
+    const T* __restrict__ ib = gi + b * 3 * H;
+    const T* __restrict__ hh = gh + b * 3 * H;
+    const T* __restrict__ hp = h_prev + b * H;
+    const T* __restrict__ go = grad_out + b * H;
+    T* __restrict__ db = dh + b * H;
+    for (int64_t j = 0; j < H; ++j) {
+      const T d = db[j] + go[j];
+      const T r = sigmoid_act(ib[j] + hh[j]);
+      const T z = sigmoid_act(ib[H + j] + hh[H + j]);
+      const T n = tanh_act(ib[2 * H + j] + r * hh[2 * H + j]);
+      const T d_n = d * (T(1) - z) * (T(1) - n * n);
+      const T d_z = d * (hp[j] - n) * z * (T(1) - z);
+      const T d_r = d_n * hh[2 * H + j] * r * (T(1) - r);
+      dgi[j] = d_r;
+      dgi[H + j] = d_z;
+      dgi[2 * H + j] = d_n;
+      dgh[j] = d_r;
+      dgh[H + j] = d_z;
+      dgh[2 * H + j] = d_n * r;
+      db[j] = d * z;
+    }
+  }
+}
+
+FASTBPTT_CLONES void gru_forward_rows_f32(const float* gi, const float* gh, float* h, float* out,
+                                          const bool* valid, int64_t H, int64_t b0, int64_t b1) {
+  gru_forward_rows<float>(gi, gh, h, out, valid, H, b0, b1);
+}
+FASTBPTT_CLONES void gru_backward_rows_f32(const float* gi, const float* gh, const float* h_prev,
+                                           const float* grad_out, float* dh, float* d_gi, float* d_gh,
+                                           const bool* valid, int64_t H, int64_t b0, int64_t b1) {
+  gru_backward_rows<float>(gi, gh, h_prev, grad_out, dh, d_gi, d_gh, valid, H, b0, b1);
+}
+void gru_forward_rows_any(const float* gi, const float* gh, float* h, float* out, const bool* valid, int64_t H,
+                          int64_t b0, int64_t b1) {
+  gru_forward_rows_f32(gi, gh, h, out, valid, H, b0, b1);
+}
+void gru_forward_rows_any(const double* gi, const double* gh, double* h, double* out, const bool* valid,
+                          int64_t H, int64_t b0, int64_t b1) {
+  gru_forward_rows<double>(gi, gh, h, out, valid, H, b0, b1);
+}
+void gru_backward_rows_any(const float* gi, const float* gh, const float* h_prev, const float* grad_out, float* dh,
+                           float* d_gi, float* d_gh, const bool* valid, int64_t H, int64_t b0, int64_t b1) {
+  gru_backward_rows_f32(gi, gh, h_prev, grad_out, dh, d_gi, d_gh, valid, H, b0, b1);
+}
+void gru_backward_rows_any(const double* gi, const double* gh, const double* h_prev, const double* grad_out,
+                           double* dh, double* d_gi, double* d_gh, const bool* valid, int64_t H, int64_t b0,
+                           int64_t b1) {
+  gru_backward_rows<double>(gi, gh, h_prev, grad_out, dh, d_gi, d_gh, valid, H, b0, b1);
+}
+
+// ----------------------------------------------------------------------------- chunk loops
+
+// gi: [C, B, 3H]; h0: [B, H]; w_hh: [3H, H]; b_hh: [3H]; out: [C, B, H]; gh_out: [C, B, 3H]
+template <typename T>
+Tensor gru_forward_impl(const Tensor& gi, const Tensor& h0, const Tensor& w_hh, const std::optional<Tensor>& b_hh,
+                        const bool* valid, const Tensor& out, const std::optional<Tensor>& gh_out) {
+  const int64_t steps = gi.size(0), batch = gi.size(1), H = h0.size(1);
+  Tensor h = h0.clone();
+  Tensor gh_buf = gh_out.has_value() ? Tensor() : at::empty({batch, 3 * H}, gi.options());
+  const Tensor w_t = w_hh.t();
+  const int64_t grain = row_grain(3 * H);
+  for (int64_t t = 0; t < steps; ++t) {
+    Tensor gh = gh_out.has_value() ? gh_out->select(0, t) : gh_buf;
+    if (b_hh.has_value()) {
+      at::addmm_out(gh, *b_hh, h, w_t);
+    } else {
+      at::mm_out(gh, h, w_t);
+    }
+    const T* p_gi = gi.data_ptr<T>() + t * batch * 3 * H;
+    const T* p_gh = gh.data_ptr<T>();
+    T* p_h = h.data_ptr<T>();
+    T* p_out = out.data_ptr<T>() + t * batch * H;
+    const bool* v = valid_row(valid, t, batch);
+    at::parallel_for(0, batch, grain, [&](int64_t b0, int64_t b1) {
+      gru_forward_rows_any(p_gi, p_gh, p_h, p_out, v, H, b0, b1);
+    });
+  }
+  return h;
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor> gru_backward_impl(const Tensor& gi, const Tensor& gh, const Tensor& h_prev,
+                                                     const Tensor& w_hh, const Tensor& grad_out,
+                                                     const Tensor& grad_h_n, const bool* valid) {
+  const int64_t steps = gi.size(0), batch = gi.size(1), H = h_prev.size(2);
+  Tensor d_gi = at::empty_like(gi), d_gh = at::empty_like(gh);
+  Tensor dh = grad_h_n.clone();
+  const int64_t grain = row_grain(3 * H);
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    const int64_t o3 = t * batch * 3 * H, o1 = t * batch * H;
+    const T* p_gi = gi.data_ptr<T>() + o3;
+    const T* p_gh = gh.data_ptr<T>() + o3;
+    const T* p_hp = h_prev.data_ptr<T>() + o1;
+    const T* p_go = grad_out.data_ptr<T>() + o1;
+    T* p_dh = dh.data_ptr<T>();
+    T* p_dgi = d_gi.data_ptr<T>() + o3;
+    T* p_dgh = d_gh.data_ptr<T>() + o3;
+    const bool* v = valid_row(valid, t, batch);
+    at::parallel_for(0, batch, grain, [&](int64_t b0, int64_t b1) {
+      gru_backward_rows_any(p_gi, p_gh, p_hp, p_go, p_dh, p_dgi, p_dgh, v, H, b0, b1);
+    });
+    // padded rows have d_gh = 0, so they keep dh unchanged
+    dh.addmm_(d_gh.select(0, t), w_hh);
+  }
+  return {d_gi, d_gh, dh};
+}
+
+// ----------------------------------------------------------------------------- ops
+
+constexpr const char* kFwd = "fastbptt::gru_forward_chunk";
+constexpr const char* kBwd = "fastbptt::gru_backward_chunk";
+
+Tensor gru_forward_chunk(const Tensor& gi, const Tensor& h0, const Tensor& w_hh, const std::optional<Tensor>& b_hh,
+                         const std::optional<Tensor>& valid, const Tensor& out, const std::optional<Tensor>& gh_out) {
+  check_first(gi, kFwd, "gi");
+  const auto dtype = gi.scalar_type();
+  const int64_t steps = gi.size(0), batch = gi.size(1);
+  TORCH_CHECK(gi.size(2) % 3 == 0, kFwd, ": gi's last dimension must be 3 * hidden_size, got ", gi.size(2));
+  const int64_t H = gi.size(2) / 3;
+  check_cpu_tensor(gi, kFwd, "gi", dtype, 3);
+  check_cpu_tensor(h0, kFwd, "h0", dtype, 2);
+  check_cpu_tensor(w_hh, kFwd, "w_hh", dtype, 2);
+  check_cpu_tensor(out, kFwd, "out", dtype, 3);
+  check_shape(h0, {batch, H}, kFwd, "h0");
+  check_shape(w_hh, {3 * H, H}, kFwd, "w_hh");
+  check_shape(out, {steps, batch, H}, kFwd, "out");
+  if (b_hh.has_value()) {
+    check_cpu_tensor(*b_hh, kFwd, "b_hh", dtype, 1);
+    check_shape(*b_hh, {3 * H}, kFwd, "b_hh");
+  }
+  if (gh_out.has_value()) {
+    check_cpu_tensor(*gh_out, kFwd, "gh_out", dtype, 3);
+    check_shape(*gh_out, {steps, batch, 3 * H}, kFwd, "gh_out");
+  }
+  check_valid(valid, steps, batch, kFwd);
+  const bool* v = valid_ptr(valid);
+  if (dtype == at::kBFloat16) {
+    Tensor out32 = at::empty(out.sizes(), out.options().dtype(at::kFloat));
+    std::optional<Tensor> gh32;
+    if (gh_out.has_value()) gh32 = at::empty(gh_out->sizes(), out32.options());
+    Tensor h = gru_forward_impl<float>(up(gi), up(h0), up(w_hh), up(b_hh), v, out32, gh32);
+    out.copy_(out32);
+    if (gh_out.has_value()) gh_out->copy_(*gh32);
+    return h.to(dtype);
+  }
+  Tensor h;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "gru_forward_chunk", [&] {
+    h = gru_forward_impl<scalar_t>(gi, h0, w_hh, b_hh, v, out, gh_out);
+  });
+  return h;
+}
+
+std::tuple<Tensor, Tensor, Tensor> gru_backward_chunk(const Tensor& gi, const Tensor& gh, const Tensor& h_prev,
+                                                      const Tensor& w_hh, const Tensor& grad_out,
+                                                      const Tensor& grad_h_n, const std::optional<Tensor>& valid) {
+  check_first(gi, kBwd, "gi");
+  const auto dtype = gi.scalar_type();
+  const int64_t steps = gi.size(0), batch = gi.size(1);
+  TORCH_CHECK(gi.size(2) % 3 == 0, kBwd, ": gi's last dimension must be 3 * hidden_size, got ", gi.size(2));
+  const int64_t H = gi.size(2) / 3;
+  check_cpu_tensor(gi, kBwd, "gi", dtype, 3);
+  check_cpu_tensor(gh, kBwd, "gh", dtype, 3);
+  check_cpu_tensor(h_prev, kBwd, "h_prev", dtype, 3);
+  check_cpu_tensor(w_hh, kBwd, "w_hh", dtype, 2);
+  check_cpu_tensor(grad_out, kBwd, "grad_out", dtype, 3);
+  check_cpu_tensor(grad_h_n, kBwd, "grad_h_n", dtype, 2);
+  check_shape(gh, {steps, batch, 3 * H}, kBwd, "gh");
+  check_shape(h_prev, {steps, batch, H}, kBwd, "h_prev");
+  check_shape(w_hh, {3 * H, H}, kBwd, "w_hh");
+  check_shape(grad_out, {steps, batch, H}, kBwd, "grad_out");
+  check_shape(grad_h_n, {batch, H}, kBwd, "grad_h_n");
+  check_valid(valid, steps, batch, kBwd);
+  const bool* v = valid_ptr(valid);
+  if (dtype == at::kBFloat16) {
+    auto [d_gi, d_gh, dh] = gru_backward_impl<float>(up(gi), up(gh), up(h_prev), up(w_hh), up(grad_out),
+                                                     up(grad_h_n), v);
+    return {d_gi.to(dtype), d_gh.to(dtype), dh.to(dtype)};
+  }
+  std::tuple<Tensor, Tensor, Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "gru_backward_chunk", [&] {
+    result = gru_backward_impl<scalar_t>(gi, gh, h_prev, w_hh, grad_out, grad_h_n, v);
+  });
+  return result;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastbptt, CPU, m) {
+  m.impl("gru_forward_chunk", &gru_forward_chunk);
+  m.impl("gru_backward_chunk", &gru_backward_chunk);
+}
+
+}  // namespace cpu
+}  // namespace fastbptt

@@ -1,0 +1,388 @@
+// Fused LSTM chunk kernels (CPU): fastbptt::lstm_forward_chunk, fastbptt::lstm_backward_chunk.
+//
+// Gate layout [i, f, g, o] in blocks of H columns (fastbptt/cells.py):
+//   c' = sigmoid(f) * c + sigmoid(i) * tanh(g),  m = sigmoid(o) * tanh(c')
+//   h' = m, or h' = m W_hr^T with a projection (h has P columns)
+#include "common.h"
+
+namespace fastbptt {
+namespace cpu {
+namespace {
+
+// ----------------------------------------------------------------------------- row passes
+
+// gates: [B, 4H] full pre-activations; c: [B, H] carried (updated in place);
+// m: [B, H] o * tanh(c') of the valid rows (the new h without projection); out: [B, H] or null
+// (projection: the product is applied afterwards)
+template <typename T>
+FASTBPTT_INLINE void lstm_forward_rows(const T* __restrict__ gates, T* __restrict__ c, T* __restrict__ m,
+                                       T* __restrict__ out, const bool* valid, int64_t H, int64_t b0,
+                                       int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    if (valid != nullptr && !valid[b]) {
+      if (out != nullptr)
+        for (int64_t j = 0; j < H; ++j) out[b * H + j] = T(0);
+      continue;
+    }
+    const T* __restrict__ g = gates + b * 4 * H;
+    T* __restrict__ cb = c + b * H;
+    T* __restrict__ mb = m + b * H;
+    for (int64_t j = 0; j < H; ++j) {
+      const T i_ = sigmoid_act(g[j]);
+      const T f_ = sigmoid_act(g[H + j]);
+      const T g_ = tanh_act(g[2 * H + j]);
+      const T o_ = sigmoid_act(g[3 * H + j]);
+      const T cn = f_ * cb[j] + i_ * g_;
+      cb[j] = cn;
+      mb[j] = o_ * tanh_act(cn);
+    }
+    if (out != nullptr)
+      for (int64_t j = 0; j < H; ++j) out[b * H + j] = mb[j];
+  }
+}
+
+// Cell-state scan of a chunk for one block of rows: c_states[t + 1] from c_states[t] and the
+// gates ([C, B, 4H]); m_all[t] = sigmoid(o_t) * tanh(c_{t+1}) when wanted (projection).
+template <typename T>
+FASTBPTT_INLINE void lstm_scan_rows(const T* __restrict__ gates, T* __restrict__ c_states, T* __restrict__ m_all,
+                                    const bool* valid, int64_t steps, int64_t batch, int64_t H, int64_t b0,
+                                    int64_t b1) {
+  for (int64_t t = 0; t < steps; ++t) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* __restrict__ cp = c_states + (t * batch + b) * H;
+      T* __restrict__ cn = c_states + ((t + 1) * batch + b) * H;
+      const T* __restrict__ g = gates + (t * batch + b) * 4 * H;
+      if (valid != nullptr && !valid[t * batch + b]) {
+        for (int64_t j = 0; j < H; ++j) cn[j] = cp[j];
+        if (m_all != nullptr)
+          for (int64_t j = 0; j < H; ++j) m_all[(t * batch + b) * H + j] = T(0);
+        continue;
+      }
+      for (int64_t j = 0; j < H; ++j)
+        cn[j] = sigmoid_act(g[H + j]) * cp[j] + sigmoid_act(g[j]) * tanh_act(g[2 * H + j]);
+      if (m_all != nullptr) {
+        T* __restrict__ mb = m_all + (t * batch + b) * H;
+        for (int64_t j = 0; j < H; ++j) mb[j] = sigmoid_act(g[3 * H + j]) * tanh_act(cn[j]);
+      }
+    }
+  }
+}
+
+// One backward step for a block of rows. dm: [B, H] gradient of m; with a projection it holds
+// dh_t W_hr already, without one (from_dh) it is formed here as dh + grad_out and the valid
+// rows of dh: [B, H] are zeroed for the recurrent product that follows. dc: [B, H] carried,
+// updated in place; d_gates: [B, 4H].
+template <typename T>
+FASTBPTT_INLINE void lstm_backward_rows(const T* __restrict__ gates, const T* __restrict__ c_prev,
+                                        const T* __restrict__ c_new, T* __restrict__ dm, bool from_dh,
+                                        const T* __restrict__ grad_out, T* __restrict__ dh, T* __restrict__ dc,
+                                        T* __restrict__ d_gates, const bool* valid, int64_t H, int64_t b0,
+                                        int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    T* __restrict__ dg = d_gates + b * 4 * H;
+    if (valid != nullptr && !valid[b]) {  // padding: no gate gradient, dh and dc pass through
+      for (int64_t j = 0; j < 4 * H; ++j) dg[j] = T(0);
+      continue;
+    }
+    const T* __restrict__ g = gates + b * 4 * H;
+    const T* __restrict__ cp = c_prev + b * H;
+    const T* __restrict__ cb = c_new + b * H;
+    T* __restrict__ dcb = dc + b * H;
+    T* __restrict__ dmb = dm + b * H;
+    if (from_dh) {
+      const T* __restrict__ go = grad_out + b * H;
+      T* __restrict__ dhb = dh + b * H;
+      for (int64_t j = 0; j < H; ++j) {
+        dmb[j] = dhb[j] + go[j];
+        dhb[j] = T(0);
+      }
+    }
+    for (int64_t j = 0; j < H; ++j) {
+      const T dmj = dmb[j];
+      const T i_ = sigmoid_act(g[j]);
+      const T f_ = sigmoid_act(g[H + j]);
+      const T g_ = tanh_act(g[2 * H + j]);
+      const T o_ = sigmoid_act(g[3 * H + j]);
+      const T tc = tanh_act(cb[j]);
+      const T dct = dcb[j] + dmj * o_ * (T(1) - tc * tc);
+      dg[j] = dct * g_ * i_ * (T(1) - i_);
+      dg[H + j] = dct * cp[j] * f_ * (T(1) - f_);
+      dg[2 * H + j] = dct * i_ * (T(1) - g_ * g_);
+      dg[3 * H + j] = dmj * tc * o_ * (T(1) - o_);
+      dcb[j] = dct * f_;
+    }
+  }
+}
+
+// Projection backward, first half of a step: dh_t = valid ? dh + grad_out : 0 into dh_all
+// (kept for grad_w_hr); valid rows of dh are zeroed for the recurrent product.
+template <typename T>
+FASTBPTT_INLINE void lstm_proj_rows(const T* __restrict__ grad_out, T* __restrict__ dh, T* __restrict__ dh_all,
+                                    const bool* valid, int64_t P, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    T* __restrict__ da = dh_all + b * P;
+    if (valid != nullptr && !valid[b]) {
+      for (int64_t j = 0; j < P; ++j) da[j] = T(0);
+      continue;
+    }
+    T* __restrict__ db = dh + b * P;
+    const T* __restrict__ go = grad_out + b * P;
+    for (int64_t j = 0; j < P; ++j) {
+      da[j] = db[j] + go[j];
+      db[j] = T(0);
+    }
+  }
+}
+
+FASTBPTT_CLONES void lstm_forward_rows_f32(const float* gates, float* c, float* m, float* out, const bool* valid,
+                                           int64_t H, int64_t b0, int64_t b1) {
+  lstm_forward_rows<float>(gates, c, m, out, valid, H, b0, b1);
+}
+FASTBPTT_CLONES void lstm_scan_rows_f32(const float* gates, float* c_states, float* m_all, const bool* valid,
+                                        int64_t steps, int64_t batch, int64_t H, int64_t b0, int64_t b1) {
+  lstm_scan_rows<float>(gates, c_states, m_all, valid, steps, batch, H, b0, b1);
+}
+FASTBPTT_CLONES void lstm_backward_rows_f32(const float* gates, const float* c_prev, const float* c_new,
+                                            float* dm, bool from_dh, const float* grad_out, float* dh, float* dc,
+                                            float* d_gates, const bool* valid, int64_t H, int64_t b0, int64_t b1) {
+  lstm_backward_rows<float>(gates, c_prev, c_new, dm, from_dh, grad_out, dh, dc, d_gates, valid, H, b0, b1);
+}
+
+void forward_rows(const float* gates, float* c, float* m, float* out, const bool* valid, int64_t H, int64_t b0,
+                  int64_t b1) {
+  lstm_forward_rows_f32(gates, c, m, out, valid, H, b0, b1);
+}
+void forward_rows(const double* gates, double* c, double* m, double* out, const bool* valid, int64_t H, int64_t b0,
+                  int64_t b1) {
+  lstm_forward_rows<double>(gates, c, m, out, valid, H, b0, b1);
+}
+void scan_rows(const float* gates, float* c_states, float* m_all, const bool* valid, int64_t steps, int64_t batch,
+               int64_t H, int64_t b0, int64_t b1) {
+  lstm_scan_rows_f32(gates, c_states, m_all, valid, steps, batch, H, b0, b1);
+}
+void scan_rows(const double* gates, double* c_states, double* m_all, const bool* valid, int64_t steps,
+               int64_t batch, int64_t H, int64_t b0, int64_t b1) {
+  lstm_scan_rows<double>(gates, c_states, m_all, valid, steps, batch, H, b0, b1);
+}
+void backward_rows(const float* gates, const float* c_prev, const float* c_new, float* dm, bool from_dh,
+                   const float* grad_out, float* dh, float* dc, float* d_gates, const bool* valid, int64_t H,
+                   int64_t b0, int64_t b1) {
+  lstm_backward_rows_f32(gates, c_prev, c_new, dm, from_dh, grad_out, dh, dc, d_gates, valid, H, b0, b1);
+}
+void backward_rows(const double* gates, const double* c_prev, const double* c_new, double* dm, bool from_dh,
+                   const double* grad_out, double* dh, double* dc, double* d_gates, const bool* valid, int64_t H,
+                   int64_t b0, int64_t b1) {
+  lstm_backward_rows<double>(gates, c_prev, c_new, dm, from_dh, grad_out, dh, dc, d_gates, valid, H, b0, b1);
+}
+
+// ----------------------------------------------------------------------------- chunk loops
+
+// gates_in: [C, B, 4H]; h0: [B, P]; c0: [B, H]; w_hh: [4H, P]; w_hr: [P, H];
+// out: [C, B, P]; gates_out: [C, B, 4H]
+template <typename T>
+std::tuple<Tensor, Tensor> lstm_forward_impl(const Tensor& gates_in, const Tensor& h0, const Tensor& c0,
+                                             const Tensor& w_hh, const std::optional<Tensor>& w_hr,
+                                             const bool* valid, const Tensor& out,
+                                             const std::optional<Tensor>& gates_out) {
+  const int64_t steps = gates_in.size(0), batch = gates_in.size(1), H = c0.size(1), P = h0.size(1);
+  const bool proj = w_hr.has_value();
+  Tensor h = h0.clone(), c = c0.clone();
+  Tensor gates_buf = gates_out.has_value() ? Tensor() : at::empty({batch, 4 * H}, gates_in.options());
+  // without projection and without padding, m is the new h itself
+  Tensor m = at::empty({batch, H}, gates_in.options());
+  Tensor h_proj = proj ? at::empty({batch, P}, gates_in.options()) : Tensor();
+  const Tensor w_t = w_hh.t();
+  const Tensor w_hr_t = proj ? w_hr->t() : Tensor();
+  const int64_t grain = row_grain(4 * H);
+  for (int64_t t = 0; t < steps; ++t) {
+    Tensor g = gates_out.has_value() ? gates_out->select(0, t) : gates_buf;
+    at::addmm_out(g, gates_in.select(0, t), h, w_t);
+    Tensor out_t = out.select(0, t);
+    const bool* v = valid_row(valid, t, batch);
+    const T* p_g = g.data_ptr<T>();
+    T* p_c = c.data_ptr<T>();
+    // no projection: m goes straight to h (valid rows) and out
+    T* p_m = proj ? m.data_ptr<T>() : h.data_ptr<T>();
+    T* p_out = proj ? nullptr : out_t.data_ptr<T>();
+    at::parallel_for(0, batch, grain, [&](int64_t b0, int64_t b1) {
+      forward_rows(p_g, p_c, p_m, p_out, v, H, b0, b1);
+    });
+    if (proj) {
+      if (v == nullptr) {
+        at::mm_out(out_t, m, w_hr_t);
+        h.copy_(out_t);
+      } else {
+        at::mm_out(h_proj, m, w_hr_t);
+        const T* p_hp = h_proj.data_ptr<T>();
+        T* p_h = h.data_ptr<T>();
+        T* p_o = out_t.data_ptr<T>();
+        for (int64_t b = 0; b < batch; ++b) {  // padded rows keep h and output zeros
+          for (int64_t j = 0; j < P; ++j) {
+            const T value = p_hp[b * P + j];
+            p_h[b * P + j] = v[b] ? value : p_h[b * P + j];
+            p_o[b * P + j] = v[b] ? value : T(0);
+          }
+        }
+      }
+    }
+  }
+  return {h, c};
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward_impl(const Tensor& gates, const Tensor& c0,
+                                                              const Tensor& w_hh, const std::optional<Tensor>& w_hr,
+                                                              const Tensor& grad_out, const Tensor& grad_h_n,
+                                                              const Tensor& grad_c_n, const bool* valid) {
+  const int64_t steps = gates.size(0), batch = gates.size(1), H = c0.size(1), P = grad_h_n.size(1);
+  const bool proj = w_hr.has_value();
+  // c_states[t] is the cell state step t started from; m_all only with a projection
+  Tensor c_states = at::empty({steps + 1, batch, H}, gates.options());
+  c_states.select(0, 0).copy_(c0);
+  Tensor m_all = proj ? at::empty({steps, batch, H}, gates.options()) : Tensor();
+  {
+    const T* p_g = gates.data_ptr<T>();
+    T* p_c = c_states.data_ptr<T>();
+    T* p_m = proj ? m_all.data_ptr<T>() : nullptr;
+    at::parallel_for(0, batch, row_grain(4 * H * steps), [&](int64_t b0, int64_t b1) {
+      scan_rows(p_g, p_c, p_m, valid, steps, batch, H, b0, b1);
+    });
+  }
+  Tensor d_gates = at::empty_like(gates);
+  Tensor dh = grad_h_n.clone(), dc = grad_c_n.clone();
+  Tensor dh_all = proj ? at::empty({steps, batch, P}, gates.options()) : Tensor();
+  Tensor dm = at::empty({batch, H}, gates.options());
+  const int64_t grain = row_grain(4 * H);
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    const bool* v = valid_row(valid, t, batch);
+    const T* p_go = grad_out.data_ptr<T>() + t * batch * P;
+    T* p_dh = dh.data_ptr<T>();
+    if (proj) {
+      T* p_da = dh_all.data_ptr<T>() + t * batch * P;
+      at::parallel_for(0, batch, row_grain(P), [&](int64_t b0, int64_t b1) {
+        lstm_proj_rows<T>(p_go, p_dh, p_da, v, P, b0, b1);
+      });
+      at::mm_out(dm, dh_all.select(0, t), *w_hr);
+    }
+    const T* p_g = gates.data_ptr<T>() + t * batch * 4 * H;
+    const T* p_cp = c_states.data_ptr<T>() + t * batch * H;
+    const T* p_cn = p_cp + batch * H;
+    T* p_dm = dm.data_ptr<T>();
+    T* p_dc = dc.data_ptr<T>();
+    T* p_dg = d_gates.data_ptr<T>() + t * batch * 4 * H;
+    at::parallel_for(0, batch, grain, [&](int64_t b0, int64_t b1) {
+      backward_rows(p_g, p_cp, p_cn, p_dm, !proj, p_go, p_dh, p_dc, p_dg, v, H, b0, b1);
+    });
+    // valid rows of dh were zeroed, padded rows have d_gates = 0 and keep dh
+    dh.addmm_(d_gates.select(0, t), w_hh);
+  }
+  Tensor grad_w_hr = proj ? at::mm(dh_all.reshape({steps * batch, P}).t(), m_all.reshape({steps * batch, H}))
+                          : at::empty({0}, gates.options());
+  return {d_gates, dh, dc, grad_w_hr};
+}
+
+// ----------------------------------------------------------------------------- ops
+
+constexpr const char* kFwd = "fastbptt::lstm_forward_chunk";
+constexpr const char* kBwd = "fastbptt::lstm_backward_chunk";
+
+void check_projection(const std::optional<Tensor>& w_hr, int64_t P, int64_t H, at::ScalarType dtype,
+                      const char* op) {
+  if (w_hr.has_value()) {
+    check_cpu_tensor(*w_hr, op, "w_hr", dtype, 2);
+    check_shape(*w_hr, {P, H}, op, "w_hr");
+  } else {
+    TORCH_CHECK(P == H, op, ": without w_hr the state h must have hidden_size = ", H, " columns, got ", P);
+  }
+}
+
+std::tuple<Tensor, Tensor> lstm_forward_chunk(const Tensor& gates_in, const Tensor& h0, const Tensor& c0,
+                                              const Tensor& w_hh, const std::optional<Tensor>& w_hr,
+                                              const std::optional<Tensor>& valid, const Tensor& out,
+                                              const std::optional<Tensor>& gates_out) {
+  check_first(gates_in, kFwd, "gates_in");
+  const auto dtype = gates_in.scalar_type();
+  const int64_t steps = gates_in.size(0), batch = gates_in.size(1);
+  TORCH_CHECK(gates_in.size(2) % 4 == 0, kFwd, ": gates_in's last dimension must be 4 * hidden_size, got ",
+              gates_in.size(2));
+  const int64_t H = gates_in.size(2) / 4;
+  check_cpu_tensor(gates_in, kFwd, "gates_in", dtype, 3);
+  check_cpu_tensor(h0, kFwd, "h0", dtype, 2);
+  check_cpu_tensor(c0, kFwd, "c0", dtype, 2);
+  check_cpu_tensor(w_hh, kFwd, "w_hh", dtype, 2);
+  check_cpu_tensor(out, kFwd, "out", dtype, 3);
+  const int64_t P = h0.size(1);
+  check_shape(h0, {batch, P}, kFwd, "h0");
+  check_shape(c0, {batch, H}, kFwd, "c0");
+  check_shape(w_hh, {4 * H, P}, kFwd, "w_hh");
+  check_shape(out, {steps, batch, P}, kFwd, "out");
+  check_projection(w_hr, P, H, dtype, kFwd);
+  if (gates_out.has_value()) {
+    check_cpu_tensor(*gates_out, kFwd, "gates_out", dtype, 3);
+    check_shape(*gates_out, {steps, batch, 4 * H}, kFwd, "gates_out");
+  }
+  check_valid(valid, steps, batch, kFwd);
+  const bool* v = valid_ptr(valid);
+  if (dtype == at::kBFloat16) {
+    Tensor out32 = at::empty(out.sizes(), out.options().dtype(at::kFloat));
+    std::optional<Tensor> g32;
+    if (gates_out.has_value()) g32 = at::empty(gates_out->sizes(), out32.options());
+    auto [h, c] = lstm_forward_impl<float>(up(gates_in), up(h0), up(c0), up(w_hh), up(w_hr), v, out32, g32);
+    out.copy_(out32);
+    if (gates_out.has_value()) gates_out->copy_(*g32);
+    return {h.to(dtype), c.to(dtype)};
+  }
+  std::tuple<Tensor, Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "lstm_forward_chunk", [&] {
+    result = lstm_forward_impl<scalar_t>(gates_in, h0, c0, w_hh, w_hr, v, out, gates_out);
+  });
+  return result;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward_chunk(const Tensor& gates, const Tensor& c0,
+                                                               const Tensor& w_hh, const std::optional<Tensor>& w_hr,
+                                                               const Tensor& grad_out, const Tensor& grad_h_n,
+                                                               const Tensor& grad_c_n,
+                                                               const std::optional<Tensor>& valid) {
+  check_first(gates, kBwd, "gates");
+  const auto dtype = gates.scalar_type();
+  const int64_t steps = gates.size(0), batch = gates.size(1);
+  TORCH_CHECK(gates.size(2) % 4 == 0, kBwd, ": gates' last dimension must be 4 * hidden_size, got ",
+              gates.size(2));
+  const int64_t H = gates.size(2) / 4;
+  check_cpu_tensor(gates, kBwd, "gates", dtype, 3);
+  check_cpu_tensor(c0, kBwd, "c0", dtype, 2);
+  check_cpu_tensor(w_hh, kBwd, "w_hh", dtype, 2);
+  check_cpu_tensor(grad_out, kBwd, "grad_out", dtype, 3);
+  check_cpu_tensor(grad_h_n, kBwd, "grad_h_n", dtype, 2);
+  check_cpu_tensor(grad_c_n, kBwd, "grad_c_n", dtype, 2);
+  const int64_t P = grad_h_n.size(1);
+  check_shape(c0, {batch, H}, kBwd, "c0");
+  check_shape(w_hh, {4 * H, P}, kBwd, "w_hh");
+  check_shape(grad_out, {steps, batch, P}, kBwd, "grad_out");
+  check_shape(grad_h_n, {batch, P}, kBwd, "grad_h_n");
+  check_shape(grad_c_n, {batch, H}, kBwd, "grad_c_n");
+  check_projection(w_hr, P, H, dtype, kBwd);
+  check_valid(valid, steps, batch, kBwd);
+  const bool* v = valid_ptr(valid);
+  if (dtype == at::kBFloat16) {
+    auto [dg, dh, dc, dw] = lstm_backward_impl<float>(up(gates), up(c0), up(w_hh), up(w_hr), up(grad_out),
+                                                      up(grad_h_n), up(grad_c_n), v);
+    return {dg.to(dtype), dh.to(dtype), dc.to(dtype), dw.to(dtype)};
+  }
+  std::tuple<Tensor, Tensor, Tensor, Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "lstm_backward_chunk", [&] {
+    result = lstm_backward_impl<scalar_t>(gates, c0, w_hh, w_hr, grad_out, grad_h_n, grad_c_n, v);
+  });
+  return result;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastbptt, CPU, m) {
+  m.impl("lstm_forward_chunk", &lstm_forward_chunk);
+  m.impl("lstm_backward_chunk", &lstm_backward_chunk);
+}
+
+}  // namespace cpu
+}  // namespace fastbptt

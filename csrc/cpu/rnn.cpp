@@ -1,0 +1,206 @@
+// Fused Elman RNN chunk kernels (CPU): fastbptt::rnn_forward_chunk, fastbptt::rnn_backward_chunk.
+//
+//   h' = act(pre_in + h W_hh^T),  act = tanh or relu; pre_in already holds both biases.
+#include "common.h"
+
+namespace fastbptt {
+namespace cpu {
+namespace {
+
+// ----------------------------------------------------------------------------- row passes
+
+// pre: [B, H] pre-activation of this step (pre_in + h W_hh^T); h: [B, H] carried; out: [B, H]
+template <typename T>
+FASTBPTT_INLINE void rnn_forward_rows(const T* __restrict__ pre, T* __restrict__ h, T* __restrict__ out,
+                                      const bool* valid, bool relu, int64_t H, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    T* __restrict__ ob = out + b * H;
+    if (valid != nullptr && !valid[b]) {
+      for (int64_t j = 0; j < H; ++j) ob[j] = T(0);
+      continue;
+    }
+    const T* __restrict__ pb = pre + b * H;
+    T* __restrict__ hb = h + b * H;
+    if (relu) {
+      for (int64_t j = 0; j < H; ++j) {
+        const T v = pb[j] > T(0) ? pb[j] : T(0);
+        hb[j] = v;
+        ob[j] = v;
+      }
+    } else {
+      for (int64_t j = 0; j < H; ++j) {
+        const T v = tanh_act(pb[j]);
+        hb[j] = v;
+        ob[j] = v;
+      }
+    }
+  }
+}
+
+// out, grad_out: [B, H] this step; dh: [B, H] carried (valid rows zeroed for the product that
+// follows); d_pre: [B, H]
+template <typename T>
+FASTBPTT_INLINE void rnn_backward_rows(const T* __restrict__ out, const T* __restrict__ grad_out, T* __restrict__ dh,
+                                       T* __restrict__ d_pre, const bool* valid, bool relu, int64_t H, int64_t b0,
+                                       int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    T* __restrict__ dp = d_pre + b * H;
+    if (valid != nullptr && !valid[b]) {
+      for (int64_t j = 0; j < H; ++j) dp[j] = T(0);
+      continue;
+    }
+    const T* __restrict__ ob = out + b * H;
+    const T* __restrict__ go = grad_out + b * H;
+    T* __restrict__ db = dh + b * H;
+    if (relu) {
+      for (int64_t j = 0; j < H; ++j) {
+        dp[j] = ob[j] > T(0) ? db[j] + go[j] : T(0);
+        db[j] = T(0);
+      }
+    } else {
+      for (int64_t j = 0; j < H; ++j) {
+        dp[j] = (db[j] + go[j]) * (T(1) - ob[j] * ob[j]);
+        db[j] = T(0);
+      }
+    }
+  }
+}
+
+FASTBPTT_CLONES void rnn_forward_rows_f32(const float* pre, float* h, float* out, const bool* valid, bool relu,
+                                          int64_t H, int64_t b0, int64_t b1) {
+  rnn_forward_rows<float>(pre, h, out, valid, relu, H, b0, b1);
+}
+FASTBPTT_CLONES void rnn_backward_rows_f32(const float* out, const float* grad_out, float* dh, float* d_pre,
+                                           const bool* valid, bool relu, int64_t H, int64_t b0, int64_t b1) {
+  rnn_backward_rows<float>(out, grad_out, dh, d_pre, valid, relu, H, b0, b1);
+}
+void forward_rows(const float* pre, float* h, float* out, const bool* valid, bool relu, int64_t H, int64_t b0,
+                  int64_t b1) {
+  rnn_forward_rows_f32(pre, h, out, valid, relu, H, b0, b1);
+}
+void forward_rows(const double* pre, double* h, double* out, const bool* valid, bool relu, int64_t H, int64_t b0,
+                  int64_t b1) {
+  rnn_forward_rows<double>(pre, h, out, valid, relu, H, b0, b1);
+}
+void backward_rows(const float* out, const float* grad_out, float* dh, float* d_pre, const bool* valid, bool relu,
+                   int64_t H, int64_t b0, int64_t b1) {
+  rnn_backward_rows_f32(out, grad_out, dh, d_pre, valid, relu, H, b0, b1);
+}
+void backward_rows(const double* out, const double* grad_out, double* dh, double* d_pre, const bool* valid,
+                   bool relu, int64_t H, int64_t b0, int64_t b1) {
+  rnn_backward_rows<double>(out, grad_out, dh, d_pre, valid, relu, H, b0, b1);
+}
+
+// ----------------------------------------------------------------------------- chunk loops
+
+// pre_in: [C, B, H]; h0: [B, H]; w_hh: [H, H]; out: [C, B, H]
+template <typename T>
+Tensor rnn_forward_impl(const Tensor& pre_in, const Tensor& h0, const Tensor& w_hh, const bool* valid,
+                        const Tensor& out, bool relu) {
+  const int64_t steps = pre_in.size(0), batch = pre_in.size(1), H = h0.size(1);
+  Tensor h = h0.clone();
+  Tensor pre = at::empty({batch, H}, pre_in.options());
+  const Tensor w_t = w_hh.t();
+  const int64_t grain = row_grain(4 * H);  // one activation per unit: cheaper rows than GRU/LSTM
+  for (int64_t t = 0; t < steps; ++t) {
+    at::addmm_out(pre, pre_in.select(0, t), h, w_t);
+    const T* p_pre = pre.data_ptr<T>();
+    T* p_h = h.data_ptr<T>();
+    T* p_out = out.data_ptr<T>() + t * batch * H;
+    const bool* v = valid_row(valid, t, batch);
+    at::parallel_for(0, batch, grain, [&](int64_t b0, int64_t b1) {
+      forward_rows(p_pre, p_h, p_out, v, relu, H, b0, b1);
+    });
+  }
+  return h;
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor> rnn_backward_impl(const Tensor& out, const Tensor& w_hh, const Tensor& grad_out,
+                                             const Tensor& grad_h_n, const bool* valid, bool relu) {
+  const int64_t steps = out.size(0), batch = out.size(1), H = out.size(2);
+  Tensor d_pre = at::empty_like(out);
+  Tensor dh = grad_h_n.clone();
+  const int64_t grain = row_grain(4 * H);
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    const T* p_out = out.data_ptr<T>() + t * batch * H;
+    const T* p_go = grad_out.data_ptr<T>() + t * batch * H;
+    T* p_dh = dh.data_ptr<T>();
+    T* p_dp = d_pre.data_ptr<T>() + t * batch * H;
+    const bool* v = valid_row(valid, t, batch);
+    at::parallel_for(0, batch, grain, [&](int64_t b0, int64_t b1) {
+      backward_rows(p_out, p_go, p_dh, p_dp, v, relu, H, b0, b1);
+    });
+    // valid rows of dh were zeroed; padded rows have d_pre = 0 and keep dh
+    dh.addmm_(d_pre.select(0, t), w_hh);
+  }
+  return {d_pre, dh};
+}
+
+// ----------------------------------------------------------------------------- ops
+
+constexpr const char* kFwd = "fastbptt::rnn_forward_chunk";
+constexpr const char* kBwd = "fastbptt::rnn_backward_chunk";
+
+Tensor rnn_forward_chunk(const Tensor& pre_in, const Tensor& h0, const Tensor& w_hh,
+                         const std::optional<Tensor>& valid, const Tensor& out, bool relu) {
+  check_first(pre_in, kFwd, "pre_in");
+  const auto dtype = pre_in.scalar_type();
+  const int64_t steps = pre_in.size(0), batch = pre_in.size(1), H = pre_in.size(2);
+  check_cpu_tensor(pre_in, kFwd, "pre_in", dtype, 3);
+  check_cpu_tensor(h0, kFwd, "h0", dtype, 2);
+  check_cpu_tensor(w_hh, kFwd, "w_hh", dtype, 2);
+  check_cpu_tensor(out, kFwd, "out", dtype, 3);
+  check_shape(h0, {batch, H}, kFwd, "h0");
+  check_shape(w_hh, {H, H}, kFwd, "w_hh");
+  check_shape(out, {steps, batch, H}, kFwd, "out");
+  check_valid(valid, steps, batch, kFwd);
+  const bool* v = valid_ptr(valid);
+  if (dtype == at::kBFloat16) {
+    Tensor out32 = at::empty(out.sizes(), out.options().dtype(at::kFloat));
+    Tensor h = rnn_forward_impl<float>(up(pre_in), up(h0), up(w_hh), v, out32, relu);
+    out.copy_(out32);
+    return h.to(dtype);
+  }
+  Tensor h;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "rnn_forward_chunk", [&] {
+    h = rnn_forward_impl<scalar_t>(pre_in, h0, w_hh, v, out, relu);
+  });
+  return h;
+}
+
+std::tuple<Tensor, Tensor> rnn_backward_chunk(const Tensor& out, const Tensor& w_hh, const Tensor& grad_out,
+                                              const Tensor& grad_h_n, const std::optional<Tensor>& valid,
+                                              bool relu) {
+  check_first(out, kBwd, "out");
+  const auto dtype = out.scalar_type();
+  const int64_t steps = out.size(0), batch = out.size(1), H = out.size(2);
+  check_cpu_tensor(out, kBwd, "out", dtype, 3);
+  check_cpu_tensor(w_hh, kBwd, "w_hh", dtype, 2);
+  check_cpu_tensor(grad_out, kBwd, "grad_out", dtype, 3);
+  check_cpu_tensor(grad_h_n, kBwd, "grad_h_n", dtype, 2);
+  check_shape(w_hh, {H, H}, kBwd, "w_hh");
+  check_shape(grad_out, {steps, batch, H}, kBwd, "grad_out");
+  check_shape(grad_h_n, {batch, H}, kBwd, "grad_h_n");
+  check_valid(valid, steps, batch, kBwd);
+  const bool* v = valid_ptr(valid);
+  if (dtype == at::kBFloat16) {
+    auto [d_pre, dh] = rnn_backward_impl<float>(up(out), up(w_hh), up(grad_out), up(grad_h_n), v, relu);
+    return {d_pre.to(dtype), dh.to(dtype)};
+  }
+  std::tuple<Tensor, Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "rnn_backward_chunk", [&] {
+    result = rnn_backward_impl<scalar_t>(out, w_hh, grad_out, grad_h_n, v, relu);
+  });
+  return result;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastbptt, CPU, m) {
+  m.impl("rnn_forward_chunk", &rnn_forward_chunk);
+  m.impl("rnn_backward_chunk", &rnn_backward_chunk);
+}
+
+}  // namespace cpu
+}  // namespace fastbptt
