@@ -8,10 +8,14 @@
 #   scripts/check_cuda_compile.sh            # sm_90, 2 parallel jobs
 #   ARCH=80 JOBS=4 scripts/check_cuda_compile.sh
 #   PYTHON=.venv/bin/python NVCC=/usr/local/cuda/bin/nvcc scripts/check_cuda_compile.sh
+#   scripts/check_cuda_compile.sh --list     # only print the files it would compile
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+shopt -s nullglob
+FILES=(csrc/cuda/*.cpp csrc/cuda/*.cu)  # the slow host file first
+if [[ "${1:-}" == "--list" ]]; then printf '%s\n' "${FILES[@]}"; exit 0; fi
 PYTHON="${PYTHON:-python}"
 ARCH="${ARCH:-90}"
 JOBS="${JOBS:-2}"
@@ -68,8 +72,6 @@ while read -r kind value; do
 done <<< "$FLAGS"
 NVCC_FLAGS+=("-gencode" "arch=compute_${ARCH},code=sm_${ARCH}")
 
-shopt -s nullglob
-FILES=(csrc/cuda/*.cpp csrc/cuda/*.cu)  # the slow host file first
 if [[ ${#FILES[@]} -eq 0 ]]; then echo "check_cuda_compile: no sources in csrc/cuda" >&2; exit 2; fi
 
 LOGS="$(mktemp -d)"

@@ -150,6 +150,8 @@ Tensor rnn_forward_chunk_cuda(const Tensor& pre_in, const Tensor& h0, const Tens
   const c10::cuda::CUDAGuard guard(pre_in.device());
   const cudaStream_t stream = current_stream();
   const Dtype dt = dtype_of(pre_in);
+  // No persistent rnn kernel yet: FASTBPTT_CUDA_PATH=persistent declines with the reason.
+  TORCH_INTERNAL_ASSERT(!use_persistent("rnn", dt, B, H));
 
   const Tensor w_t = to_acc(w_hh).t();
   Tensor h = fresh_acc(h0);
@@ -176,6 +178,8 @@ std::tuple<Tensor, Tensor> rnn_backward_chunk_cuda(const Tensor& out, const Tens
   const c10::cuda::CUDAGuard guard(out.device());
   const cudaStream_t stream = current_stream();
   const Dtype dt = dtype_of(out);
+  // No persistent rnn kernel yet: FASTBPTT_CUDA_PATH=persistent declines with the reason.
+  TORCH_INTERNAL_ASSERT(!use_persistent("rnn", dt, B, H));
 
   const Tensor w = to_acc(w_hh);
   Tensor dh = fresh_acc(grad_h_n);
@@ -295,6 +299,8 @@ std::tuple<Tensor, Tensor> lstm_forward_chunk_cuda(const Tensor& gates_in, const
   const c10::cuda::CUDAGuard guard(gates_in.device());
   const cudaStream_t stream = current_stream();
   const Dtype dt = dtype_of(gates_in);
+  // No persistent lstm kernel yet: FASTBPTT_CUDA_PATH=persistent declines with the reason.
+  TORCH_INTERNAL_ASSERT(!use_persistent("lstm", dt, B, H));
 
   const Tensor w_t = to_acc(w_hh).t();
   Tensor h = fresh_acc(h0), c = fresh_acc(c0);
@@ -342,6 +348,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward_chunk_cuda(const Tensor
   const c10::cuda::CUDAGuard guard(gates.device());
   const cudaStream_t stream = current_stream();
   const Dtype dt = dtype_of(gates);
+  // No persistent lstm kernel yet: FASTBPTT_CUDA_PATH=persistent declines with the reason.
+  TORCH_INTERNAL_ASSERT(!use_persistent("lstm", dt, B, H));
 
   const bool proj = w_hr.has_value();
   const Tensor w = to_acc(w_hh);

@@ -1,0 +1,236 @@
+"""The CUDA backend (csrc/cuda): parity with torch.nn (cuDNN) and with the reference in float64 on
+the GPU, low precision within torch.nn's own error, determinism, torch.compile, CUDA graph
+capture of a training step, and the persistent path forced with FASTBPTT_CUDA_PATH.
+
+Every GPU test skips cleanly without a CUDA device or without the compiled CUDA kernels; nothing
+here touches the GPU at import or collection time. The first test runs everywhere: it checks the
+compile-check script that CI runs without a GPU.
+"""
+import glob
+import os
+import subprocess
+
+import pytest
+import torch
+
+import fastbptt
+from conftest import requires_cuda
+from fastbptt import dispatch
+from helpers import TOLERANCES, Case, assert_lowp_parity, assert_parity, assert_results_close, make_inputs, make_pair, run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# float32 against cuDNN at realistic sizes: sums over hundreds of terms per step in another order,
+# compounded over the steps (the CPU tests hold the kernels to TOLERANCES[float32] at small sizes)
+GPU_F32_TOLERANCE = (1e-4, 1e-3)
+
+
+def test_compile_check_script_covers_every_cuda_source():
+    script = os.path.join(ROOT, "scripts", "check_cuda_compile.sh")
+    assert os.access(script, os.X_OK), "scripts/check_cuda_compile.sh must exist and be executable"
+    listed = subprocess.run(["bash", script, "--list"], cwd=ROOT, capture_output=True, text=True, check=True)
+    expected = sorted(os.path.relpath(p, ROOT) for ext in ("cu", "cpp")
+                      for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", f"*.{ext}")))
+    assert expected, "no CUDA sources found"
+    assert sorted(listed.stdout.split()) == expected
+
+
+def _cuda_backend_reason() -> str:
+    return dispatch.availability("cuda")
+
+
+requires_cuda_backend = pytest.mark.skipif("not torch.cuda.is_available() or bool(_cuda_backend_reason())",
+                                           reason="needs a CUDA GPU and fastbptt._C built with CUDA kernels")
+
+
+def gpu_test(f):
+    """Marks a test that needs a GPU and the CUDA kernels (the CPU test above runs everywhere)."""
+    return requires_cuda(requires_cuda_backend(pytest.mark.cuda(f)))
+
+
+@pytest.fixture
+def no_tf32():
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture(params=["standard", "auto"])
+def cuda_path(request, monkeypatch):
+    """auto takes the persistent kernel where one exists and fits (GRU here), standard elsewhere."""
+    monkeypatch.setenv("FASTBPTT_CUDA_PATH", request.param)
+    return request.param
+
+
+CASES = [
+    Case(cell="gru", input_size=48, hidden_size=96, batch=16, steps=40, chunk_size=16),
+    Case(cell="gru", input_size=32, hidden_size=70, batch=13, steps=33, chunk_size=10, packed=True, bidirectional=True,
+         num_layers=2),
+    Case(cell="lstm", input_size=40, hidden_size=64, batch=9, steps=30, chunk_size=8, packed=True, bidirectional=True),
+    Case(cell="lstm", input_size=32, hidden_size=64, proj_size=24, batch=8, steps=24, num_layers=2, chunk_size=7),
+    Case(cell="lstm", input_size=32, hidden_size=48, proj_size=20, batch=5, steps=21, packed=True, bidirectional=True,
+         recompute=False),
+    Case(cell="rnn_tanh", input_size=32, hidden_size=80, batch=16, steps=36, packed=True, num_layers=2),
+    Case(cell="rnn_relu", input_size=32, hidden_size=64, batch=7, steps=30, recompute=False, bidirectional=True),
+    Case(cell="gru", input_size=16, hidden_size=40, batch=4, steps=25, recompute=False, batch_first=True,
+         packed=True),
+]
+SMALL = [Case(cell=c, proj_size=p, packed=True, bidirectional=True, num_layers=2)
+         for c, p in [("rnn_tanh", 0), ("rnn_relu", 0), ("gru", 0), ("lstm", 0), ("lstm", 4)]]
+
+
+def _id(case: Case) -> str:
+    flags = "".join(k[0] for k in ("packed", "bidirectional") if getattr(case, k))
+    return f"{case.cell}{'-P' + str(case.proj_size) if case.proj_size else ''}-H{case.hidden_size}-B{case.batch}" \
+           f"-L{case.num_layers}{'-' + flags if flags else ''}{'' if case.recompute else '-norecompute'}"
+
+
+@gpu_test
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_parity_with_cudnn_float32(case, no_tf32, cuda_path):
+    assert_parity(case, "cuda", torch.float32, device="cuda", tolerance=GPU_F32_TOLERANCE)
+
+
+@gpu_test
+@pytest.mark.parametrize("case", CASES + SMALL, ids=_id)
+def test_parity_float64_with_torch_nn_and_reference(case):
+    assert_parity(case, "cuda", torch.float64, device="cuda")
+    _, ref = make_pair(case, "reference", torch.float64, "cuda")
+    _, fast = make_pair(case, "cuda", torch.float64, "cuda")
+    x, hx, lengths = make_inputs(case, torch.float64, "cuda")
+    assert_results_close(run(fast, case, x, hx, lengths), run(ref, case, x, hx, lengths), *TOLERANCES[torch.float64],
+                         label="cuda vs reference")
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES[:6], ids=_id)
+def test_low_precision_within_torch_nn_error(case, dtype, cuda_path):
+    assert_lowp_parity(case, "cuda", dtype, device="cuda")
+
+
+@gpu_test
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5]], ids=_id)
+def test_two_runs_are_bitwise_equal(case, cuda_path):
+    _, fast = make_pair(case, "cuda", torch.float32, "cuda")
+    x, hx, lengths = make_inputs(case, torch.float32, "cuda")
+    first, second = run(fast, case, x, hx, lengths), run(fast, case, x, hx, lengths)
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+@gpu_test
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn_tanh"])
+def test_torch_compile_fullgraph_matches_eager(cell):
+    torch._dynamo.reset()
+    cls = {"gru": fastbptt.GRU, "lstm": fastbptt.LSTM, "rnn_tanh": fastbptt.RNN}[cell]
+    model = cls(8, 16, num_layers=2, bidirectional=True, batch_first=True, backend="cuda").cuda()
+    x = torch.randn(3, 11, 8, device="cuda", requires_grad=True)
+    out_e, _ = model(x)
+    (g_e,) = torch.autograd.grad(out_e.sum(), x)
+    compiled = torch.compile(model, fullgraph=True)
+    out_c, _ = compiled(x)
+    (g_c,) = torch.autograd.grad(out_c.sum(), x)
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(g_c, g_e)
+
+
+@gpu_test
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_cuda_graph_capture_of_a_training_step(cell, cuda_path):
+    """Forward + backward captured once and replayed on new data gives the eager gradients."""
+    torch.manual_seed(0)
+    cls = {"gru": fastbptt.GRU, "lstm": fastbptt.LSTM}[cell]
+    model = cls(8, 32, num_layers=2, chunk_size=5, backend="cuda").cuda()
+    static_x = torch.randn(12, 4, 8, device="cuda")
+
+    def step():
+        out, _ = model(static_x)
+        (out * out).sum().backward()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up outside the graph (allocator, lazy initialisation)
+            model.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    model.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    new_x = torch.randn_like(static_x)
+    static_x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    captured = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.zero_grad(set_to_none=True)
+    out, _ = model(new_x)
+    (out * out).sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(captured[name], p.grad, msg=name)
+
+
+# ----------------------------------------------------------------------------- persistent path
+
+PERSISTENT_CASES = [  # hidden sizes and batches that are not multiples of the kernel's tiles
+    Case(cell="gru", input_size=8, hidden_size=1, batch=1, steps=9, chunk_size=4),
+    Case(cell="gru", input_size=16, hidden_size=37, batch=3, steps=17, chunk_size=5, packed=True),
+    Case(cell="gru", input_size=32, hidden_size=300, batch=13, steps=20, chunk_size=8, bidirectional=True),
+    Case(cell="gru", input_size=32, hidden_size=1000, batch=9, steps=12, chunk_size=12, packed=True, bias=False),
+    Case(cell="gru", input_size=16, hidden_size=133, batch=70, steps=10, chunk_size=3, recompute=False),
+]
+
+
+@gpu_test
+@pytest.mark.parametrize("case", PERSISTENT_CASES, ids=_id)
+def test_persistent_gru_parity(case, no_tf32, monkeypatch):
+    monkeypatch.setenv("FASTBPTT_CUDA_PATH", "persistent")
+    assert_parity(case, "cuda", torch.float32, device="cuda", tolerance=GPU_F32_TOLERANCE)
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", PERSISTENT_CASES[1:4], ids=_id)
+def test_persistent_gru_low_precision(case, dtype, monkeypatch):
+    monkeypatch.setenv("FASTBPTT_CUDA_PATH", "persistent")
+    assert_lowp_parity(case, "cuda", dtype, device="cuda")
+
+
+@gpu_test
+def test_persistent_declines_cleanly_above_capacity(monkeypatch, no_tf32):
+    """Forced: a clear error before anything is launched. auto: the standard path runs instead."""
+    case = Case(cell="gru", input_size=4, hidden_size=8192, batch=2, steps=3, chunk_size=3)
+    monkeypatch.setenv("FASTBPTT_CUDA_PATH", "persistent")
+    _, fast = make_pair(case, "cuda", torch.float32, "cuda")
+    x, hx, _ = make_inputs(case, torch.float32, "cuda")
+    with pytest.raises(RuntimeError, match="persistent gru kernel declines"):
+        fast(x, hx)
+    monkeypatch.setenv("FASTBPTT_CUDA_PATH", "auto")
+    assert_parity(case, "cuda", torch.float32, device="cuda", tolerance=GPU_F32_TOLERANCE)
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", [torch.float64], ids=str)
+def test_persistent_declines_float64_and_cells_without_a_kernel(monkeypatch, dtype):
+    monkeypatch.setenv("FASTBPTT_CUDA_PATH", "persistent")
+    for cell in ("gru", "lstm"):
+        case = Case(cell=cell)
+        _, fast = make_pair(case, "cuda", dtype, "cuda")
+        x, hx, _ = make_inputs(case, dtype, "cuda")
+        with pytest.raises(RuntimeError, match="declines"):
+            fast(x, hx)
+    monkeypatch.setenv("FASTBPTT_CUDA_PATH", "auto")
+    assert_parity(Case(cell="lstm"), "cuda", dtype, device="cuda")
+
+
+@gpu_test
+def test_unknown_path_name_is_an_error(monkeypatch):
+    monkeypatch.setenv("FASTBPTT_CUDA_PATH", "fastest")
+    case = Case(cell="gru")
+    _, fast = make_pair(case, "cuda", torch.float32, "cuda")
+    x, hx, _ = make_inputs(case, torch.float32, "cuda")
+    with pytest.raises(RuntimeError, match="FASTBPTT_CUDA_PATH must be"):
+        fast(x, hx)
