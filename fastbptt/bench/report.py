@@ -179,7 +179,7 @@ def summary_tables(doc: dict) -> str:
     if timed:
         out.append("Time of one call (forward+backward in train, forward in infer), speedup over torch.nn:")
         out.append("")
-        out += _pivot(timed, _speed_cell, notes, lambda b: fmt_ms(b["time"]["total"]["median_ms"]) if b["time"] else "")
+        out += _pivot(timed, _speed_cell, notes, lambda b: fmt_ms(b["time"]["total"]["median_ms"]) if b["time"] else "memory only")
         out.append("")
     mem_records = [r for r in records if r["case"]["mode"] == "train"]
     if mem_records:

@@ -248,8 +248,11 @@ def _measure_memory(case: Case, bench: Bench) -> dict:
     return mem
 
 
-def run_case(case: Case, candidates: list[Candidate], warmup: int, reps: int) -> list[dict]:
-    """Records for every candidate of ``case``; the first candidate must be torch.nn."""
+def run_case(case: Case, candidates: list[Candidate], warmup: int, reps: int, time_baseline: bool = True) -> list[dict]:
+    """Records for every candidate of ``case``; the first candidate must be torch.nn.
+
+    ``time_baseline=False`` measures only torch.nn's memory (for shapes where its time would
+    dominate the run); the candidates then have memory ratios but no speedups."""
     assert candidates and candidates[0].is_baseline, "torch.nn comes first: it is the baseline"
     records = {c.label: new_record(case, c) for c in candidates}
     try:
@@ -282,17 +285,21 @@ def run_case(case: Case, candidates: list[Candidate], warmup: int, reps: int) ->
             rec["notes"]["first_call_s"] = round(time.perf_counter() - t0, 3)
         benches[cand.label] = bench
 
+    timed = {label: b for label, b in benches.items() if time_baseline or label != BASELINE}
     if case.timed:
-        samples = timing.interleaved(benches, warmup, reps, case.device)
+        samples = timing.interleaved(timed, warmup, reps, case.device)
     else:  # memory only: one untimed call each, so lazy initialisation is not counted
-        samples = timing.interleaved(benches, max(1, warmup), 0, case.device)
+        samples = timing.interleaved(timed, max(1, warmup), 0, case.device)
+    if BASELINE in benches and BASELINE not in timed:
+        samples[BASELINE] = timing.Samples()
+        records[BASELINE]["notes"]["timed"] = False
     for label, s in samples.items():
         rec = records[label]
         if s.error:
             rec.update(status="failed", error=s.error)
             continue
         rec["status"] = "ok"
-        if case.timed:
+        if case.timed and label in timed:
             rec["time"] = {"forward": timing.summary(s.forward), "backward": timing.summary(s.backward),
                            "total": timing.summary(s.total)}
             rec["time_per_step_us"] = _median(rec["time"]["total"]) * 1e3 / case.steps
@@ -348,7 +355,7 @@ def run_plan(plan: Plan, progress: Optional[Callable[[str], None]] = None) -> li
     records: list[dict] = []
     for i, (case, cands) in enumerate(items, 1):
         t0 = time.perf_counter()
-        recs = run_case(case, cands, plan.warmup, plan.reps)
+        recs = run_case(case, cands, plan.warmup, plan.reps, plan.time_baseline)
         records.extend(recs)
         if progress:
             ok = sum(r["status"] == "ok" for r in recs)
