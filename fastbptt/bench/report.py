@@ -147,14 +147,24 @@ def _pivot(records: list[dict], cell_text, notes: _Notes, baseline_text) -> list
             elif rec["status"] != "ok":
                 cells.append(notes.mark(rec))
             else:
-                cells.append(cell_text(rec))
+                cells.append(cell_text(rec, base))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def _speed_cell(rec: dict) -> str:
+NOISY = 1.5  # max / min over the rounds above which a figure is flagged
+
+
+def _noisy(rec: Optional[dict]) -> bool:
+    t = (rec or {}).get("time") or {}
+    s = t.get("total")
+    return bool(s and s["min_ms"] > 0 and s["max_ms"] / s["min_ms"] > NOISY)
+
+
+def _speed_cell(rec: dict, base: Optional[dict] = None) -> str:
     s = rec["speedup"]["total"]
-    return f"{fmt_ratio(s)} ({fmt_ms(rec['time']['total']['median_ms'])})" if s is not None else \
+    flag = "*" if _noisy(rec) or _noisy(base) else ""
+    return f"{fmt_ratio(s)}{flag} ({fmt_ms(rec['time']['total']['median_ms'])})" if s is not None else \
         fmt_ms(rec["time"]["total"]["median_ms"])
 
 
@@ -180,6 +190,9 @@ def summary_tables(doc: dict) -> str:
         out.append("Time of one call (forward+backward in train, forward in infer), speedup over torch.nn:")
         out.append("")
         out += _pivot(timed, _speed_cell, notes, lambda b: fmt_ms(b["time"]["total"]["median_ms"]) if b["time"] else "memory only")
+        if any(_noisy(r) for r in timed):
+            out.append(f"* noisy: max/min of the rounds above {NOISY} for the candidate or torch.nn; "
+                       "rerun on a quiet machine or with more --reps")
         out.append("")
     mem_records = [r for r in records if r["case"]["mode"] == "train"]
     if mem_records:
@@ -190,7 +203,7 @@ def summary_tables(doc: dict) -> str:
         out.append(f"Memory: {what}; ratio to torch.nn:")
         out.append("")
 
-        def mem_cell(rec):
+        def mem_cell(rec, base=None):
             b = rec["memory"].get(f"{kind}_bytes")
             r = rec["memory"].get(f"{kind}_ratio")
             return f"{fmt_ratio(r)} ({fmt_bytes(b)})" if r is not None else fmt_bytes(b)
