@@ -137,12 +137,13 @@ def test_torch_compile_fullgraph_matches_eager(cell):
 
 
 @gpu_test
-@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn_relu"])
 def test_cuda_graph_capture_of_a_training_step(cell, cuda_path):
     """Forward + backward captured once and replayed on new data gives the eager gradients."""
     torch.manual_seed(0)
-    cls = {"gru": fastbptt.GRU, "lstm": fastbptt.LSTM}[cell]
-    model = cls(8, 32, num_layers=2, chunk_size=5, backend="cuda").cuda()
+    cls = {"gru": fastbptt.GRU, "lstm": fastbptt.LSTM, "rnn_relu": fastbptt.RNN}[cell]
+    kw = {"nonlinearity": "relu"} if cell == "rnn_relu" else {}
+    model = cls(8, 32, num_layers=2, chunk_size=5, backend="cuda", **kw).cuda()
     static_x = torch.randn(12, 4, 8, device="cuda")
 
     def step():
@@ -175,26 +176,30 @@ def test_cuda_graph_capture_of_a_training_step(cell, cuda_path):
 
 # ----------------------------------------------------------------------------- persistent path
 
-PERSISTENT_CASES = [  # hidden sizes and batches that are not multiples of the kernel's tiles
+PERSISTENT_CASES = [  # hidden sizes and batches that are not multiples of the kernels' tiles
     Case(cell="gru", input_size=8, hidden_size=1, batch=1, steps=9, chunk_size=4),
     Case(cell="gru", input_size=16, hidden_size=37, batch=3, steps=17, chunk_size=5, packed=True),
     Case(cell="gru", input_size=32, hidden_size=300, batch=13, steps=20, chunk_size=8, bidirectional=True),
     Case(cell="gru", input_size=32, hidden_size=1000, batch=9, steps=12, chunk_size=12, packed=True, bias=False),
     Case(cell="gru", input_size=16, hidden_size=133, batch=70, steps=10, chunk_size=3, recompute=False),
+    Case(cell="lstm", input_size=8, hidden_size=5, batch=2, steps=9, chunk_size=4),
+    Case(cell="lstm", input_size=16, hidden_size=150, batch=11, steps=17, chunk_size=6, packed=True,
+         bidirectional=True),
+    Case(cell="lstm", input_size=32, hidden_size=700, batch=9, steps=12, chunk_size=12, num_layers=2,
+         recompute=False),
 ]
-
 
 @gpu_test
 @pytest.mark.parametrize("case", PERSISTENT_CASES, ids=_id)
-def test_persistent_gru_parity(case, no_tf32, monkeypatch):
+def test_persistent_parity(case, no_tf32, monkeypatch):
     monkeypatch.setenv("FASTBPTT_CUDA_PATH", "persistent")
     assert_parity(case, "cuda", torch.float32, device="cuda", tolerance=GPU_F32_TOLERANCE)
 
 
 @gpu_test
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", PERSISTENT_CASES[1:4], ids=_id)
-def test_persistent_gru_low_precision(case, dtype, monkeypatch):
+@pytest.mark.parametrize("case", PERSISTENT_CASES[1:4] + PERSISTENT_CASES[6:], ids=_id)
+def test_persistent_low_precision(case, dtype, monkeypatch):
     monkeypatch.setenv("FASTBPTT_CUDA_PATH", "persistent")
     assert_lowp_parity(case, "cuda", dtype, device="cuda")
 
@@ -213,17 +218,19 @@ def test_persistent_declines_cleanly_above_capacity(monkeypatch, no_tf32):
 
 
 @gpu_test
-@pytest.mark.parametrize("dtype", [torch.float64], ids=str)
-def test_persistent_declines_float64_and_cells_without_a_kernel(monkeypatch, dtype):
+@pytest.mark.parametrize("case,dtype,reason", [
+    (Case(cell="gru"), torch.float64, "float64 is not supported"),
+    (Case(cell="lstm", proj_size=4), torch.float32, "does not support a projection"),
+    (Case(cell="rnn_tanh"), torch.float32, "no persistent kernel"),
+], ids=["float64", "lstm-proj", "rnn"])
+def test_persistent_declines_what_it_cannot_run(monkeypatch, case, dtype, reason):
     monkeypatch.setenv("FASTBPTT_CUDA_PATH", "persistent")
-    for cell in ("gru", "lstm"):
-        case = Case(cell=cell)
-        _, fast = make_pair(case, "cuda", dtype, "cuda")
-        x, hx, _ = make_inputs(case, dtype, "cuda")
-        with pytest.raises(RuntimeError, match="declines"):
-            fast(x, hx)
+    _, fast = make_pair(case, "cuda", dtype, "cuda")
+    x, hx, _ = make_inputs(case, dtype, "cuda")
+    with pytest.raises(RuntimeError, match=reason):
+        fast(x, hx)
     monkeypatch.setenv("FASTBPTT_CUDA_PATH", "auto")
-    assert_parity(Case(cell="lstm"), "cuda", dtype, device="cuda")
+    assert_parity(case, "cuda", dtype, device="cuda", tolerance=None if dtype == torch.float64 else GPU_F32_TOLERANCE)
 
 
 @gpu_test

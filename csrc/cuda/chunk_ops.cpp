@@ -8,7 +8,7 @@
 // as the reference does. No per-step allocation and no atomics: results are bitwise
 // reproducible run to run.
 //
-// Persistent path (GRU): one cooperative launch per chunk, chosen by FASTBPTT_CUDA_PATH
+// Persistent path (GRU, LSTM without projection): one cooperative launch per chunk, chosen by FASTBPTT_CUDA_PATH
 // (standard | persistent | auto; default standard). See docs/cuda.md.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -116,7 +116,10 @@ std::string path_mode() {
 
 // Why the persistent kernel of `cell` cannot take this case, or "" if it can.
 std::string persistent_decline(const char* cell, Dtype dt, int64_t B, int64_t H) {
-  if (std::string(cell) == "gru") return persistent_gru_decline(dt, B, H);
+  const std::string name(cell);
+  if (name == "gru") return persistent_gru_decline(dt, B, H);
+  if (name == "lstm") return persistent_lstm_decline(dt, B, H);
+  if (name == "lstm_proj") return "the persistent LSTM kernel does not support a projection (proj_size > 0)";
   return "there is no persistent kernel for this cell yet";
 }
 
@@ -299,8 +302,17 @@ std::tuple<Tensor, Tensor> lstm_forward_chunk_cuda(const Tensor& gates_in, const
   const c10::cuda::CUDAGuard guard(gates_in.device());
   const cudaStream_t stream = current_stream();
   const Dtype dt = dtype_of(gates_in);
-  // No persistent lstm kernel yet: FASTBPTT_CUDA_PATH=persistent declines with the reason.
-  TORCH_INTERNAL_ASSERT(!use_persistent("lstm", dt, B, H));
+
+  if (C > 0 && use_persistent(w_hr.has_value() ? "lstm_proj" : "lstm", dt, B, H)) {
+    Tensor h_buf = at::empty({2, B, H}, gates_in.options().dtype(at::kFloat));
+    h_buf.select(0, 0).copy_(h0);
+    Tensor c = c0.to(at::kFloat, false, /*copy=*/true);
+    const std::string err =
+        persistent_lstm_forward(dt, gates_in.data_ptr(), w_hh.data_ptr(), v, out.data_ptr(), at_step(gates_out, 0),
+                                h_buf.data_ptr<float>(), c.data_ptr<float>(), C, B, H, stream);
+    TORCH_CHECK(err.empty(), op, ": persistent kernel failed: ", err);
+    return {h_buf.select(0, C % 2).to(gates_in.scalar_type(), false, /*copy=*/true), from_acc(c, gates_in)};
+  }
 
   const Tensor w_t = to_acc(w_hh).t();
   Tensor h = fresh_acc(h0), c = fresh_acc(c0);
@@ -348,10 +360,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward_chunk_cuda(const Tensor
   const c10::cuda::CUDAGuard guard(gates.device());
   const cudaStream_t stream = current_stream();
   const Dtype dt = dtype_of(gates);
-  // No persistent lstm kernel yet: FASTBPTT_CUDA_PATH=persistent declines with the reason.
-  TORCH_INTERNAL_ASSERT(!use_persistent("lstm", dt, B, H));
-
   const bool proj = w_hr.has_value();
+
+  if (C > 0 && use_persistent(proj ? "lstm_proj" : "lstm", dt, B, H)) {
+    Tensor dh = grad_h_n.to(at::kFloat, false, /*copy=*/true), dc = grad_c_n.to(at::kFloat, false, /*copy=*/true);
+    Tensor c_states = at::empty({C + 1, B, H}, dh.options()), d_buf = at::empty({2, B, 4 * H}, dh.options());
+    Tensor grad_gates = at::empty_like(gates);
+    const std::string err = persistent_lstm_backward(
+        dt, gates.data_ptr(), c0.data_ptr(), w_hh.data_ptr(), grad_out.data_ptr(), v, grad_gates.data_ptr(),
+        dh.data_ptr<float>(), dc.data_ptr<float>(), c_states.data_ptr<float>(), d_buf.data_ptr<float>(), C, B, H,
+        stream);
+    TORCH_CHECK(err.empty(), op, ": persistent kernel failed: ", err);
+    return {grad_gates, from_acc(dh, gates), from_acc(dc, gates), at::empty({0}, gates.options())};
+  }
+
   const Tensor w = to_acc(w_hh);
   Tensor dh = fresh_acc(grad_h_n), dc = fresh_acc(grad_c_n);
   const auto acc_opts = dh.options();

@@ -91,5 +91,23 @@ std::string persistent_gru_backward(Dtype dt, const void* gi, const void* gh, co
                                     const void* grad_out, const bool* valid, void* grad_gi, void* grad_gh, float* dh,
                                     float* dgh_buf, int64_t C, int64_t B, int64_t H, cudaStream_t stream);
 
+// Why the persistent LSTM kernels (no projection) cannot take this case, or "" if they can.
+std::string persistent_lstm_decline(Dtype dt, int64_t B, int64_t H);
+
+// LSTM forward over a chunk, P == H. gates_in, gates_out (or nullptr) [C,B,4H], w_hh [4H,H],
+// out [C,B,H]: dtype. h_buf [2,B,H] float scratch with h_buf[0] = h0 (final state left in
+// h_buf[C % 2]); c [B,H] float, c0 in and c_n out.
+std::string persistent_lstm_forward(Dtype dt, const void* gates_in, const void* w_hh, const bool* valid, void* out,
+                                    void* gates_out, float* h_buf, float* c, int64_t C, int64_t B, int64_t H,
+                                    cudaStream_t stream);
+
+// LSTM backward over a chunk, P == H. gates, grad_gates [C,B,4H]; c0 [B,H]; w_hh [4H,H];
+// grad_out [C,B,H]: dtype. dh, dc [B,H] float in/out (final-state gradients in, initial out);
+// c_states [C+1,B,H] and d_buf [2,B,4H] float scratch.
+std::string persistent_lstm_backward(Dtype dt, const void* gates, const void* c0, const void* w_hh,
+                                     const void* grad_out, const bool* valid, void* grad_gates, float* dh, float* dc,
+                                     float* c_states, float* d_buf, int64_t C, int64_t B, int64_t H,
+                                     cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace fastbptt

@@ -12,30 +12,13 @@
 //            phase A: gate gradients of owned units (local), publish d_gh_t[b, :, j]
 //            barrier
 //            phase B: dh_{t-1}[b, j] = direct term + d_gh_t[b, :] . W_hh[:, j]
-#include <cooperative_groups.h>
-
-#include "common.cuh"
+#include "persistent.cuh"
 
 namespace fastbptt {
 namespace cuda {
 namespace {
 
-namespace cg = cooperative_groups;
-
-constexpr int kBlockThreads = 256;  // 8 warps; a warp computes one hidden unit at a time
-constexpr int kWarps = kBlockThreads / 32;
-constexpr int kBT = 8;              // batch rows per tile (accumulators per lane and gate)
-constexpr int kKC = 256;            // columns of the staged vector tile
-
-__host__ __device__ constexpr size_t align16(size_t n) { return (n + 15) / 16 * 16; }
-constexpr size_t kTileBytes = sizeof(float) * kBT * kKC;
-
-struct Plan {
-  int blocks = 0;
-  int units = 0;  // hidden units per block
-  size_t smem = 0;
-  std::string why;  // non-empty: declined
-};
+using namespace persistent;
 
 template <typename T>
 __global__ void __launch_bounds__(kBlockThreads)
@@ -53,79 +36,40 @@ persistent_gru_forward_kernel(const T* __restrict__ gi, const T* __restrict__ w_
   }
   __syncthreads();
   cg::grid_group grid = cg::this_grid();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int lane = threadIdx.x % 32;
 
   for (int t = 0; t < C; ++t) {
     const float* h_prev = h_buf + static_cast<int64_t>(t & 1) * B * H;
     float* h_next = h_buf + static_cast<int64_t>((t + 1) & 1) * B * H;
-    for (int b0 = 0; b0 < B; b0 += kBT) {
-      for (int p = 0; p < n_units; p += kWarps) {  // same trip count in every warp: barriers stay uniform
-        const int u = p + warp;
-        const bool active = u < n_units;
-        float acc[3][kBT];
+    block_product<3>(w_s, x_s, h_prev, B, H, n_units, [&](int u, int b0, const float (&acc)[3][kBT]) {
+      const int j = u0 + u;
 #pragma unroll
-        for (int g = 0; g < 3; ++g)
-#pragma unroll
-          for (int bb = 0; bb < kBT; ++bb) acc[g][bb] = 0.f;
-        for (int k0 = 0; k0 < H; k0 += kKC) {
-          const int kc = min(kKC, H - k0);
-          for (int idx = threadIdx.x; idx < kBT * kKC; idx += blockDim.x) {
-            const int bb = idx / kKC, k = idx - bb * kKC;
-            // __ldcg: read through L2, never a stale L1 line of another block's earlier write
-            x_s[idx] = (b0 + bb < B && k < kc) ? __ldcg(h_prev + static_cast<int64_t>(b0 + bb) * H + k0 + k) : 0.f;
-          }
-          __syncthreads();
-          if (active) {
-            const T* w0 = w_s + static_cast<int64_t>(u) * 3 * H + k0;
-            for (int k = lane; k < kc; k += 32) {
-              const float wr = load<float>(w0 + k), wz = load<float>(w0 + H + k), wn = load<float>(w0 + 2 * H + k);
-#pragma unroll
-              for (int bb = 0; bb < kBT; ++bb) {
-                const float x = x_s[bb * kKC + k];
-                acc[0][bb] += wr * x;
-                acc[1][bb] += wz * x;
-                acc[2][bb] += wn * x;
-              }
-            }
-          }
-          __syncthreads();
+      for (int bb = 0; bb < kBT; ++bb) {
+        const int b = b0 + bb;
+        if (lane != bb || b >= B) continue;
+        float hr = acc[0][bb], hz = acc[1][bb], hn = acc[2][bb];
+        if (b_hh != nullptr) {
+          hr += load<float>(b_hh + j);
+          hz += load<float>(b_hh + H + j);
+          hn += load<float>(b_hh + 2 * H + j);
         }
-        if (!active) continue;
-#pragma unroll
-        for (int g = 0; g < 3; ++g)
-#pragma unroll
-          for (int bb = 0; bb < kBT; ++bb)
-#pragma unroll
-            for (int off = 16; off > 0; off >>= 1) acc[g][bb] += __shfl_xor_sync(0xffffffffu, acc[g][bb], off);
-        const int j = u0 + u;
-#pragma unroll
-        for (int bb = 0; bb < kBT; ++bb) {
-          const int b = b0 + bb;
-          if (lane != bb || b >= B) continue;
-          float hr = acc[0][bb], hz = acc[1][bb], hn = acc[2][bb];
-          if (b_hh != nullptr) {
-            hr += load<float>(b_hh + j);
-            hz += load<float>(b_hh + H + j);
-            hn += load<float>(b_hh + 2 * H + j);
-          }
-          const int64_t row = (static_cast<int64_t>(t) * B + b) * 3 * H + j;
-          if (gh_out != nullptr) {
-            store(gh_out + row, hr);
-            store(gh_out + row + H, hz);
-            store(gh_out + row + 2 * H, hn);
-          }
-          const float r = sigmoid(load<float>(gi + row) + hr);
-          const float z = sigmoid(load<float>(gi + row + H) + hz);
-          const float n = tanh_(load<float>(gi + row + 2 * H) + r * hn);
-          const float hp = __ldcg(h_prev + static_cast<int64_t>(b) * H + j);
-          const float h_new = (1.f - z) * n + z * hp;
-          const bool v = valid == nullptr || valid[static_cast<int64_t>(t) * B + b];
-          __stcg(h_next + static_cast<int64_t>(b) * H + j, v ? h_new : hp);
-          store(out + (static_cast<int64_t>(t) * B + b) * H + j, v ? h_new : 0.f);
+        const int64_t row = (static_cast<int64_t>(t) * B + b) * 3 * H + j;
+        if (gh_out != nullptr) {
+          store(gh_out + row, hr);
+          store(gh_out + row + H, hz);
+          store(gh_out + row + 2 * H, hn);
         }
+        const float r = sigmoid(load<float>(gi + row) + hr);
+        const float z = sigmoid(load<float>(gi + row + H) + hz);
+        const float n = tanh_(load<float>(gi + row + 2 * H) + r * hn);
+        const float hp = __ldcg(h_prev + static_cast<int64_t>(b) * H + j);
+        const float h_new = (1.f - z) * n + z * hp;
+        const bool v = valid == nullptr || valid[static_cast<int64_t>(t) * B + b];
+        __stcg(h_next + static_cast<int64_t>(b) * H + j, v ? h_new : hp);
+        store(out + (static_cast<int64_t>(t) * B + b) * H + j, v ? h_new : 0.f);
       }
-    }
-    grid.sync();
+    });
+    grid.sync();  // h_t is complete; h_buf[t & 1] is free to be overwritten at step t + 1
   }
 }
 
@@ -147,7 +91,7 @@ persistent_gru_backward_kernel(const T* __restrict__ gi, const T* __restrict__ g
   }
   __syncthreads();
   cg::grid_group grid = cg::this_grid();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int lane = threadIdx.x % 32;
 
   for (int t = C - 1; t >= 0; --t) {
     float* pub = dgh_buf + static_cast<int64_t>(t & 1) * B * K;
@@ -182,122 +126,28 @@ persistent_gru_backward_kernel(const T* __restrict__ gi, const T* __restrict__ g
     }
     grid.sync();
     // Phase B: dh[b, j] += d_gh_t[b, :] . W_hh[:, j] for the owned units.
-    for (int b0 = 0; b0 < B; b0 += kBT) {
-      for (int p = 0; p < n_units; p += kWarps) {
-        const int u = p + warp;
-        const bool active = u < n_units;
-        float acc[kBT];
+    block_product<1>(w_s, x_s, pub, B, K, n_units, [&](int u, int b0, const float (&acc)[1][kBT]) {
 #pragma unroll
-        for (int bb = 0; bb < kBT; ++bb) acc[bb] = 0.f;
-        for (int k0 = 0; k0 < K; k0 += kKC) {
-          const int kc = min(kKC, K - k0);
-          for (int idx = threadIdx.x; idx < kBT * kKC; idx += blockDim.x) {
-            const int bb = idx / kKC, k = idx - bb * kKC;
-            x_s[idx] = (b0 + bb < B && k < kc) ? __ldcg(pub + static_cast<int64_t>(b0 + bb) * K + k0 + k) : 0.f;
-          }
-          __syncthreads();
-          if (active) {
-            const T* w0 = w_s + static_cast<int64_t>(u) * K + k0;
-            for (int k = lane; k < kc; k += 32) {
-              const float w = load<float>(w0 + k);
-#pragma unroll
-              for (int bb = 0; bb < kBT; ++bb) acc[bb] += w * x_s[bb * kKC + k];
-            }
-          }
-          __syncthreads();
-        }
-        if (!active) continue;
-#pragma unroll
-        for (int bb = 0; bb < kBT; ++bb)
-#pragma unroll
-          for (int off = 16; off > 0; off >>= 1) acc[bb] += __shfl_xor_sync(0xffffffffu, acc[bb], off);
-#pragma unroll
-        for (int bb = 0; bb < kBT; ++bb) {
-          if (lane == bb && b0 + bb < B) dh[static_cast<int64_t>(b0 + bb) * H + u0 + u] += acc[bb];
-        }
+      for (int bb = 0; bb < kBT; ++bb) {
+        if (lane == bb && b0 + bb < B) dh[static_cast<int64_t>(b0 + bb) * H + u0 + u] += acc[0][bb];
       }
-    }
+    });
     __syncthreads();  // phase A of the next step reads dh written by other threads of this block
   }
-}
-
-// Splits H units over at most one block per SM and checks shared memory and co-residency.
-template <typename T>
-Plan make_plan(int64_t B, int64_t H, const void* kernel) {
-  Plan plan;
-  int dev = 0, sms = 0, smem_optin = 0, coop = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev);
-  if (err != cudaSuccess) {
-    cudaGetLastError();
-    plan.why = std::string("cannot query the device: ") + cudaGetErrorString(err);
-    return plan;
-  }
-  if (!coop) {
-    plan.why = "the device does not support cooperative launch";
-    return plan;
-  }
-  if (H <= 0 || H > (1 << 20) || B > (1 << 24)) {
-    plan.why = "hidden size or batch out of the kernel's index range";
-    return plan;
-  }
-  plan.units = static_cast<int>((H + sms - 1) / sms);
-  plan.blocks = static_cast<int>((H + plan.units - 1) / plan.units);
-  plan.smem = align16(sizeof(T) * 3 * plan.units * H) + kTileBytes;
-  if (plan.smem > static_cast<size_t>(smem_optin)) {
-    plan.why = "W_hh needs " + std::to_string(plan.smem) + " bytes of shared memory per block (" +
-               std::to_string(plan.units) + " units x 3 gates x H=" + std::to_string(H) + " x " +
-               std::to_string(sizeof(T)) + " bytes + tile) on " + std::to_string(sms) +
-               " SMs; the on-chip capacity is " + std::to_string(smem_optin) + " bytes per block";
-    return plan;
-  }
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem));
-  int per_sm = 0;
-  if (err == cudaSuccess)
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlockThreads, plan.smem);
-  if (err != cudaSuccess) {
-    cudaGetLastError();
-    plan.why = std::string("occupancy query failed: ") + cudaGetErrorString(err);
-    return plan;
-  }
-  if (static_cast<int64_t>(per_sm) * sms < plan.blocks) {
-    plan.why = std::to_string(plan.blocks) + " blocks cannot be co-resident (" + std::to_string(per_sm) +
-               " per SM x " + std::to_string(sms) + " SMs)";
-  }
-  return plan;
 }
 
 template <typename T> const void* forward_kernel() { return reinterpret_cast<const void*>(&persistent_gru_forward_kernel<T>); }
 template <typename T> const void* backward_kernel() { return reinterpret_cast<const void*>(&persistent_gru_backward_kernel<T>); }
 
-std::string launch(const void* kernel, const Plan& plan, void** args, cudaStream_t stream) {
-  const cudaError_t err =
-      cudaLaunchCooperativeKernel(kernel, dim3(plan.blocks), dim3(kBlockThreads), args, plan.smem, stream);
-  if (err != cudaSuccess) {
-    cudaGetLastError();
-    return std::string("cooperative launch failed: ") + cudaGetErrorString(err);
-  }
-  return "";
-}
-
-#define FASTBPTT_DISPATCH_PERSISTENT(dt, ...)                                   \
-  [&]() -> std::string {                                                        \
-    switch (dt) {                                                               \
-      case Dtype::f32: { using scalar_t = float; return __VA_ARGS__(); }        \
-      case Dtype::f16: { using scalar_t = __half; return __VA_ARGS__(); }       \
-      case Dtype::bf16: { using scalar_t = __nv_bfloat16; return __VA_ARGS__(); } \
-      default: return "float64 is not supported by the persistent kernels";     \
-    }                                                                           \
-  }()
+template <typename T> Plan forward_plan(int64_t B, int64_t H) { return make_plan(B, H, 3, H, sizeof(T), 0, forward_kernel<T>()); }
+template <typename T> Plan backward_plan(int64_t B, int64_t H) { return make_plan(B, H, 1, 3 * H, sizeof(T), 0, backward_kernel<T>()); }
 
 }  // namespace
 
 std::string persistent_gru_decline(Dtype dt, int64_t B, int64_t H) {
   return FASTBPTT_DISPATCH_PERSISTENT(dt, [&] {
-    std::string why = make_plan<scalar_t>(B, H, forward_kernel<scalar_t>()).why;
-    return why.empty() ? make_plan<scalar_t>(B, H, backward_kernel<scalar_t>()).why : why;
+    std::string why = forward_plan<scalar_t>(B, H).why;
+    return why.empty() ? backward_plan<scalar_t>(B, H).why : why;
   });
 }
 
@@ -305,7 +155,7 @@ std::string persistent_gru_forward(Dtype dt, const void* gi, const void* w_hh, c
                                    void* out, void* gh_out, float* h_buf, int64_t C, int64_t B, int64_t H,
                                    cudaStream_t stream) {
   return FASTBPTT_DISPATCH_PERSISTENT(dt, [&] {
-    const Plan plan = make_plan<scalar_t>(B, H, forward_kernel<scalar_t>());
+    const Plan plan = forward_plan<scalar_t>(B, H);
     if (!plan.why.empty()) return plan.why;
     const scalar_t* a_gi = static_cast<const scalar_t*>(gi);
     const scalar_t* a_w = static_cast<const scalar_t*>(w_hh);
@@ -324,7 +174,7 @@ std::string persistent_gru_backward(Dtype dt, const void* gi, const void* gh, co
                                     const void* grad_out, const bool* valid, void* grad_gi, void* grad_gh, float* dh,
                                     float* dgh_buf, int64_t C, int64_t B, int64_t H, cudaStream_t stream) {
   return FASTBPTT_DISPATCH_PERSISTENT(dt, [&] {
-    const Plan plan = make_plan<scalar_t>(B, H, backward_kernel<scalar_t>());
+    const Plan plan = backward_plan<scalar_t>(B, H);
     if (!plan.why.empty()) return plan.why;
     const scalar_t* a_gi = static_cast<const scalar_t*>(gi);
     const scalar_t* a_gh = static_cast<const scalar_t*>(gh);
