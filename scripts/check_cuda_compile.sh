@@ -26,7 +26,7 @@ if [[ -z "${NVCC:-}" ]]; then
 fi
 # CUDA headers for the host-compiled .cpp files: $CUDA_HOME, else the toolkit nvcc reports.
 if [[ -n "${CUDA_HOME:-}" ]]; then CUDA_INC="$CUDA_HOME/include"
-else CUDA_INC="$("$NVCC" -v -x cu -E /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)/include"; fi
+else CUDA_INC="$("$NVCC" -v -x cu -E /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1 || true)/include"; fi
 if [[ ! -f "$CUDA_INC/cuda_runtime.h" ]]; then CUDA_INC=/usr/local/cuda/include; fi
 CXX="${CXX:-c++}"
 
@@ -100,7 +100,7 @@ compile_one() {
 }
 export -f compile_one
 
-echo "check_cuda_compile: ${#FILES[@]} files, sm_${ARCH}, ${JOBS} jobs, $("$NVCC" --version | tail -1)"
+echo "check_cuda_compile: ${#FILES[@]} files, sm_${ARCH}, ${JOBS} jobs, $("$NVCC" --version 2>/dev/null | tail -1 || true)"
 START=$(date +%s.%N)
 STATUS=0
 printf '%s\n' "${FILES[@]}" | xargs -P "$JOBS" -I{} bash -c 'compile_one "$@"' _ {} || STATUS=$?
