@@ -88,6 +88,10 @@ def recurrent_layer(cell: str, x: Tensor, hx: Tensor, weight_ih: Tensor, weight_
         _check_tensor("weight_hr", weight_hr, (out_size, hidden), x)
     check_lengths(lengths, steps, batch)
     name = dispatch.resolve(backend, cell, x, hidden, out_size if weight_hr is not None else 0)
+    tensors = (x, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+        # inference: nothing is kept for a backward, so one chunk spans the sequence, no gates kept
+        chunk_size, recompute = steps, True
     if cell == "lstm":
         out, h_n, c_n, _, _ = torch.ops.fastbptt.lstm(x, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
                                                       lengths, reverse, chunk_size, recompute, name)

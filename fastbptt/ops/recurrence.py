@@ -75,17 +75,34 @@ def flatten(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``out = x W^T (+ bias)`` written into the contiguous ``out: [..., N]`` (no temporary)."""
+    out2, x2 = out.view(-1, out.shape[-1]), flatten(x)
+    if bias is None:
+        torch.mm(x2, weight.t(), out=out2)
+    else:
+        torch.addmm(bias, x2, weight.t(), out=out2)
+    return out
+
+
 class _GradAccumulator:
-    """Weight and bias gradients summed over chunks in float32 (exact for float32/64 inputs)."""
+    """Weight and bias gradients summed over chunks, in place: float32/64 inputs accumulate in
+    their own dtype (exact sums), float16/bfloat16 in float32."""
 
     def __init__(self, like: Tensor, wanted: bool):
         self.wanted = wanted
         self.total = None
         self.like = like
+        self.low_precision = like.dtype in (torch.float16, torch.bfloat16)
 
     def add_product(self, a: Tensor, b: Tensor) -> None:   # a: [C, B, N], b: [C, B, K] -> [N, K]
-        if self.wanted:
-            self._add(flatten(a).t() @ flatten(b))
+        if not self.wanted:
+            return
+        a2, b2 = flatten(a).t(), flatten(b)
+        if self.total is None or self.low_precision:
+            self._add(a2 @ b2)
+        else:
+            self.total.addmm_(a2, b2)
 
     def add_sum(self, a: Tensor) -> None:                  # a: [C, B, N] -> [N]
         if self.wanted:
@@ -96,8 +113,10 @@ class _GradAccumulator:
             self._add(t)
 
     def _add(self, t: Tensor) -> None:
-        acc_dtype = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
-        self.total = t.to(acc_dtype) if self.total is None else self.total + t
+        if self.total is None:
+            self.total = t.float() if self.low_precision else t
+        else:
+            self.total.add_(t)
 
     def result(self) -> Tensor:
         if not self.wanted:
@@ -112,6 +131,14 @@ def saved_gate_width(cell: str, hidden: int) -> int:
     return {"rnn_tanh": 0, "rnn_relu": 0, "gru": 6 * hidden, "lstm": 4 * hidden}[cell]
 
 
+def gru_gate_store(gates: Tensor) -> tuple[Tensor, Tensor]:
+    """The GRU's saved ``gates: [T, B, 6H]`` buffer read as (gi [T, B, 3H], gh [T, B, 3H]), each
+    contiguous: the storage holds all of gi, then all of gh, so kernels write straight into it."""
+    steps, batch, width = gates.shape
+    store = gates.view(2, steps, batch, width // 2)
+    return store[0], store[1]
+
+
 def _forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
              b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Optional[Tensor], lengths: Optional[Tensor],
              reverse: bool, chunk_size: int, recompute: bool, backend: str):
@@ -122,29 +149,24 @@ def _forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tenso
     out_p = x.new_empty(steps, batch, h0.shape[-1])
     width = 0 if recompute else saved_gate_width(cell, hidden)
     gates = x.new_empty(steps, batch, width) if width else x.new_empty(EMPTY)
+    gi_store, gh_store = gru_gate_store(gates) if width and cell == "gru" else (None, None)
     bias = input_bias(cell, b_ih, b_hh)
     w_hh, w_hr = w_hh.contiguous(), (None if w_hr is None else w_hr.contiguous())
     h, c = h0.contiguous(), (None if c0 is None else c0.contiguous())
     bounds = chunk_bounds(steps, chunk_size)
     c_chunks = x.new_empty(len(bounds), batch, hidden) if cell == "lstm" else None
+    gate_cols = cells.NUM_GATES[cell] * hidden
     for k, (s0, s1) in enumerate(bounds):
-        gi = F.linear(time_slice(x, s0, s1, reverse), w_ih, bias).contiguous()
+        # the input projection of the chunk, straight into the saved gates with recompute off
+        gi = gi_store[s0:s1] if gi_store is not None else x.new_empty(s1 - s0, batch, gate_cols)
+        linear_into(gi, time_slice(x, s0, s1, reverse), w_ih, bias)
         v = None if valid is None else valid[s0:s1]
         out = out_p[s0:s1]
         if cell == "gru":
-            gh_out = gates[s0:s1, :, 3 * hidden:] if width else None
-            if width:
-                gates[s0:s1, :, :3 * hidden] = gi
-            gh_buf = torch.empty_like(gi) if width else None
-            h = kern.gru_forward(gi, h, w_hh, b_hh, v, out, gh_buf)
-            if width:
-                gh_out.copy_(gh_buf)
+            h = kern.gru_forward(gi, h, w_hh, b_hh, v, out, None if gh_store is None else gh_store[s0:s1])
         elif cell == "lstm":
             c_chunks[k] = c
-            gates_buf = torch.empty_like(gi) if width else None
-            h, c = kern.lstm_forward(gi, h, c, w_hh, w_hr, v, out, gates_buf)
-            if width:
-                gates[s0:s1] = gates_buf
+            h, c = kern.lstm_forward(gi, h, c, w_hh, w_hr, v, out, gates[s0:s1] if width else None)
         else:
             h = kern.rnn_forward(gi, h, w_hh, v, out, cell == "rnn_relu")
     out = out_p.flip(0) if reverse else out_p
@@ -161,7 +183,7 @@ def _backward(cell: str, grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Optional[
               gates: Tensor, reverse: bool, chunk_size: int, backend: str, output_mask: Sequence[bool]):
     """Returns gradients for (x, h0, [c0], w_ih, w_hh, b_ih, b_hh, [w_hr]); empty where not wanted."""
     kern = dispatch.kernels(backend)
-    steps = x.shape[0]
+    steps, batch = x.shape[0], x.shape[1]
     hidden = w_hh.shape[0] // cells.NUM_GATES[cell]
     lstm = cell == "lstm"
     want_x, want_h0 = output_mask[0], output_mask[1]
@@ -176,7 +198,7 @@ def _backward(cell: str, grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Optional[
     bias = input_bias(cell, b_ih, b_hh)
     w_hh_c, w_hr_c = w_hh.contiguous(), (None if w_hr is None else w_hr.contiguous())
 
-    grad_x = torch.empty_like(x) if want_x else x.new_empty(EMPTY)
+    grad_x = torch.empty_like(x) if want_x else x.new_empty(EMPTY)  # x's strides, as the fake kernel says
     acc_w_ih, acc_w_hh = _GradAccumulator(w_ih, want_w_ih), _GradAccumulator(w_hh, want_w_hh)
     acc_b_ih = _GradAccumulator(b_ih if b_ih is not None else w_ih, want_b_ih and b_ih is not None)
     acc_b_hh = _GradAccumulator(b_hh if b_hh is not None else w_ih, want_b_hh and b_hh is not None)
@@ -185,25 +207,30 @@ def _backward(cell: str, grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Optional[
     dc = grad_c_n.contiguous() if lstm else None
 
     bounds = chunk_bounds(steps, chunk_size)
+    gi_store, gh_store = gru_gate_store(gates) if cell == "gru" and not recompute else (None, None)
     for k in reversed(range(len(bounds))):
         s0, s1 = bounds[k]
         x_c = time_slice(x, s0, s1, reverse)
+        x_c = x_c.reshape(-1, x_c.shape[-1])  # [C*B, I], copied once only if x is strided
         v = None if valid is None else valid[s0:s1]
         g_out = grad_out_p[s0:s1]
         need_h_prev = cell == "gru" or want_w_hh or (lstm and recompute)
         h_prev = previous_states(out_p, h0, valid, s0, s1) if need_h_prev else None
         if cell == "gru":
             if recompute:
-                gi = F.linear(x_c, w_ih, bias)
-                gh = F.linear(h_prev, w_hh, b_hh)
+                gi, gh = F.linear(x_c, w_ih, bias), F.linear(h_prev, w_hh, b_hh)
             else:
-                gi, gh = gates[s0:s1, :, :3 * hidden], gates[s0:s1, :, 3 * hidden:]
-            d_gi, d_gh, dh = kern.gru_backward(gi.contiguous(), gh.contiguous(), h_prev.contiguous(), w_hh_c,
-                                               g_out, dh, v)
+                gi, gh = gi_store[s0:s1], gh_store[s0:s1]
+            d_gi, d_gh, dh = kern.gru_backward(gi.view(s1 - s0, batch, -1), gh.contiguous(),
+                                               h_prev.contiguous(), w_hh_c, g_out, dh, v)
         elif lstm:
-            pre = F.linear(x_c, w_ih, bias) + h_prev @ w_hh.t() if recompute else gates[s0:s1]
-            d_gi, dh, dc, d_w_hr = kern.lstm_backward(pre.contiguous(), c_chunks[k].contiguous(), w_hh_c, w_hr_c,
-                                                      g_out, dh, dc, v)
+            if recompute:  # all gate pre-activations of the chunk: x W_ih^T + b + h_prev W_hh^T
+                pre = F.linear(x_c, w_ih, bias)
+                pre.addmm_(flatten(h_prev), w_hh.t())
+                pre = pre.view(s1 - s0, batch, -1)
+            else:
+                pre = gates[s0:s1]
+            d_gi, dh, dc, d_w_hr = kern.lstm_backward(pre, c_chunks[k].contiguous(), w_hh_c, w_hr_c, g_out, dh, dc, v)
             d_gh = d_gi
             acc_w_hr.add(d_w_hr)
         else:
@@ -215,11 +242,14 @@ def _backward(cell: str, grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Optional[
             acc_w_hh.add_product(d_gh, h_prev)
         acc_b_hh.add_sum(d_gh)
         if want_x:
-            dx = d_gi @ w_ih
-            if reverse:
-                grad_x[steps - s1:steps - s0] = dx.flip(0)
+            if not reverse and grad_x.is_contiguous():
+                torch.mm(flatten(d_gi), w_ih, out=grad_x[s0:s1].view(-1, w_ih.shape[1]))
             else:
-                grad_x[s0:s1] = dx
+                dx = (flatten(d_gi) @ w_ih).view(s1 - s0, batch, -1)
+                if reverse:
+                    grad_x[steps - s1:steps - s0] = dx.flip(0)
+                else:
+                    grad_x[s0:s1] = dx
     grads = [grad_x, dh if want_h0 else x.new_empty(EMPTY)]
     if lstm:
         grads.append(dc if want_c0 else x.new_empty(EMPTY))
