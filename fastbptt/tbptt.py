@@ -600,15 +600,18 @@ class Trainer:
         self.train_time, self.best_val = float(progress["train_time"]), float(progress["best_val"])
         self.last_val, self.evaluated_at = progress["last_val"], int(progress["evaluated_at"])
         set_rng_state(ckpt["rng"])
-        self._truncate_metrics()
 
     def resume(self, path: str | os.PathLike) -> None:
         self.load_state_dict(load_checkpoint(path, argument="--resume"))
 
     # ------------------------------------------------------------------ metrics
-    def _truncate_metrics(self) -> None:
-        """On resume, drop records written after the checkpoint (they will be written again)."""
+    def _prepare_metrics(self) -> None:
+        """A new run starts a new log; a resumed one drops the records written after its
+        checkpoint (they will be written again)."""
         if not (self.is_main and self._metrics_path and self._metrics_path.is_file()):
+            return
+        if self.step == 0 and self.evaluated_at != 0:
+            self._metrics_path.unlink()
             return
         kept = [line for line in self._metrics_path.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= self.step]
@@ -661,6 +664,9 @@ class Trainer:
             from tqdm import tqdm
             pbar = tqdm(total=self.total_steps, initial=min(self.step, self.total_steps), unit="upd",
                         dynamic_ncols=True, file=sys.stderr)
+        self._prepare_metrics()
+        if self.step == 0 and self.evaluated_at != 0:
+            self._evaluate_and_record(pbar)  # the starting point of the validation curve
         log_loss, log_tokens, log_time = 0.0, 0, 0.0
         micro = 0
         stop = self.step >= last or self._out_of_time()

@@ -140,11 +140,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     _add_training_arguments(p)
     g = p.add_argument_group("budget and output")
     g.add_argument("--epochs", type=_positive_int, default=1, help="passes over the training text (default 1)")
-    g.add_argument("--max-steps", type=_positive_int, default=600,
-                   help="stop after this many updates in all, resumes included (default 600)")
+    g.add_argument("--max-steps", type=_positive_int, default=1500,
+                   help="stop after this many updates in all, resumes included (default 1500)")
     g.add_argument("--time-budget", type=_positive_float, metavar="SECONDS",
                    help="also stop after this many seconds of training (evaluation excluded)")
-    g.add_argument("--eval-every", type=_positive_int, default=100, help="updates between validations (default 100)")
+    g.add_argument("--eval-every", type=_positive_int, default=150, help="updates between validations (default 150)")
     g.add_argument("--log-every", type=_positive_int, default=10, help="updates between metric records (default 10)")
     g.add_argument("--checkpoint-every", type=_positive_int,
                    help="updates between checkpoints (default: after each validation)")
