@@ -65,32 +65,39 @@ def summarise(doc: dict) -> str:
     lines = [f"# Scaling of the default backend: {describe(doc['environment'])}", ""]
     backends = sorted({r["notes"].get("resolved_backend", "") for r in records if r["candidate"]["impl"] == "fastbptt"})
     lines.append(f"backend='auto' resolved to: {', '.join(b for b in backends if b) or 'n/a'}; "
-                 f"{doc['settings']['warmup']} warm-up + {doc['settings']['reps']} rounds, medians; float32, "
+                 f"{doc['settings']['warmup']} warm-up + {doc['settings']['reps']} rounds; float32, "
                  "one layer, training step (forward + backward, input gradient included)")
+    lines.append("")
+    lines.append("Times: the minimum over the rounds (on a shared machine interference only adds time, so the "
+                 "minimum is the closest to the code's own cost), the median beside it.")
     lines.append("")
     for cell in sorted({c["cell"] for c in cases}):
         rows, t_fixed = _sweep(records, cell, "steps")
         if len(rows) < 2:
             continue
         lines += [f"## {cell}: against T (B={t_fixed['batch']}, H={t_fixed['hidden']})", "",
-                  "| T | fastbptt ms | us/step | saved MiB | saved / output | torch.nn saved MiB | torch.nn / output |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| T | fastbptt min ms | median ms | us/step (min) | saved MiB | saved / output | "
+                  "torch.nn saved MiB | torch.nn / output |",
+                  "|---|---|---|---|---|---|---|---|"]
         xs, ys = [], []
         for t, by in rows.items():
             f, n = by.get("fastbptt"), by.get("torch.nn")
-            ms = f["time"]["total"]["median_ms"] if f and f["status"] == "ok" and f["time"] else None
+            ok = f and f["status"] == "ok" and f["time"]
+            ms = f["time"]["total"]["min_ms"] if ok else None
+            med = f["time"]["total"]["median_ms"] if ok else None
             if ms is not None:
                 xs.append(t)
                 ys.append(ms)
             fm, nm = (f or {}).get("memory", {}), (n or {}).get("memory", {})
-            lines.append(f"| {t} | {ms:.1f} | {f['time_per_step_us']:.1f} | {_mib(fm.get('saved_bytes'))} | "
+            lines.append(f"| {t} | {ms:.1f} | {med:.1f} | {ms * 1e3 / t:.1f} | {_mib(fm.get('saved_bytes'))} | "
                          f"{fm.get('saved_to_output') or 0:.3f} | {_mib(nm.get('saved_bytes'))} | "
                          f"{nm.get('saved_to_output') or 0:.2f} |" if ms is not None else
-                         f"| {t} | {f['status'] if f else '-'} | | | | | |")
+                         f"| {t} | {f['status'] if f else '-'} | | | | | | |")
         if len(xs) >= 2:
             a, b, r2 = fit_line(xs, ys)
             per_step = [y / x * 1e3 for x, y in zip(xs, ys)]
-            lines += ["", f"fit: time = {a:.1f} ms + {b * 1e3:.1f} us x T, R^2 = {r2:.4f}; per-step time from "
+            lines += ["", f"least-squares fit of the minima: time = {a:.1f} ms + {b * 1e3:.1f} us x T, "
+                          f"R^2 = {r2:.4f}; per-step time from "
                           f"{min(per_step):.1f} to {max(per_step):.1f} us over T = {xs[0]}..{xs[-1]}"]
         lines.append("")
         for vary, name in (("batch", "B"), ("hidden", "H")):
@@ -99,13 +106,15 @@ def summarise(doc: dict) -> str:
                 continue
             other = ", ".join(f"{dict(batch='B', hidden='H', steps='T')[k]}={v}" for k, v in fixed.items())
             lines += [f"### {cell}: against {name} ({other})", "",
-                      f"| {name} | fastbptt ms | us/step | saved / output | torch.nn / output |", "|---|---|---|---|---|"]
+                      f"| {name} | fastbptt min ms | median ms | us/step (min) | saved / output | torch.nn / output |",
+                      "|---|---|---|---|---|---|"]
             for v, by in rows.items():
                 f, n = by.get("fastbptt"), by.get("torch.nn")
                 if not f or f["status"] != "ok":
-                    lines.append(f"| {v} | {f['status'] if f else '-'} | | | |")
+                    lines.append(f"| {v} | {f['status'] if f else '-'} | | | | |")
                     continue
-                lines.append(f"| {v} | {f['time']['total']['median_ms']:.1f} | {f['time_per_step_us']:.1f} | "
+                tt = f["time"]["total"]
+                lines.append(f"| {v} | {tt['min_ms']:.1f} | {tt['median_ms']:.1f} | {tt['min_ms'] * 1e3 / fixed['steps']:.1f} | "
                              f"{f['memory']['saved_to_output']:.3f} | "
                              f"{(n or {}).get('memory', {}).get('saved_to_output') or 0:.2f} |")
             lines.append("")

@@ -112,15 +112,15 @@ def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     plan = build_plan(args)
-    if plan.device == "cuda" and not torch.cuda.is_available():
-        _print("no CUDA device is visible: pass --device cpu, or run this preset on a GPU machine")
-        return 2
     items = plan.items()
     if args.list:
         for case, cands in items:
             _print(f"{case.key()}: " + ", ".join(c.label for c in cands))
         _print(f"{len(items)} cases, {sum(len(c) for _, c in items)} records")
         return 0
+    if plan.device == "cuda" and not torch.cuda.is_available():
+        _print("no CUDA device is visible: pass --device cpu, or run this preset on a GPU machine")
+        return 2
 
     env = environment(plan.device)
     _print(f"fastbptt bench '{plan.name}': {len(items)} cases on {plan.device} "
