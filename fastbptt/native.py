@@ -24,6 +24,40 @@ DTYPES = {"cpu": (torch.float32, torch.float64, torch.bfloat16),
           "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
 
 
+def _register_fakes() -> None:
+    """Shapes-only kernels of the chunk ops (meta tensors, torch.compile, opcheck)."""
+    fake = torch.library.register_fake
+
+    @fake("fastbptt::rnn_forward_chunk")
+    def _rnn_forward(pre_in, h0, w_hh, valid, out, relu):
+        return torch.empty_like(h0)
+
+    @fake("fastbptt::rnn_backward_chunk")
+    def _rnn_backward(out, w_hh, grad_out, grad_h_n, valid, relu):
+        return torch.empty_like(out), torch.empty_like(grad_h_n)
+
+    @fake("fastbptt::gru_forward_chunk")
+    def _gru_forward(gi, h0, w_hh, b_hh, valid, out, gh_out):
+        return torch.empty_like(h0)
+
+    @fake("fastbptt::gru_backward_chunk")
+    def _gru_backward(gi, gh, h_prev, w_hh, grad_out, grad_h_n, valid):
+        return torch.empty_like(gi), torch.empty_like(gh), torch.empty_like(grad_h_n)
+
+    @fake("fastbptt::lstm_forward_chunk")
+    def _lstm_forward(gates_in, h0, c0, w_hh, w_hr, valid, out, gates_out):
+        return torch.empty_like(h0), torch.empty_like(c0)
+
+    @fake("fastbptt::lstm_backward_chunk")
+    def _lstm_backward(gates, c0, w_hh, w_hr, grad_out, grad_h_n, grad_c_n, valid):
+        grad_w_hr = torch.empty_like(w_hr) if w_hr is not None else gates.new_empty(0)
+        return torch.empty_like(gates), torch.empty_like(grad_h_n), torch.empty_like(c0), grad_w_hr
+
+
+if _C is not None:
+    _register_fakes()
+
+
 def _has_kernel(dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("fastbptt::gru_forward_chunk", dispatch_key)
 

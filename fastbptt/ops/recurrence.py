@@ -99,14 +99,16 @@ class _GradAccumulator:
         if not self.wanted:
             return
         a2, b2 = flatten(a).t(), flatten(b)
-        if self.total is None or self.low_precision:
-            self._add(a2 @ b2)
+        if self.low_precision:  # products and sums in float32, rounded once in result()
+            a2, b2 = a2.float(), b2.float()
+        if self.total is None:
+            self.total = a2 @ b2
         else:
             self.total.addmm_(a2, b2)
 
     def add_sum(self, a: Tensor) -> None:                  # a: [C, B, N] -> [N]
         if self.wanted:
-            self._add(flatten(a).sum(0))
+            self._add(flatten(a).sum(0, dtype=torch.float32 if self.low_precision else None))
 
     def add(self, t: Optional[Tensor]) -> None:
         if self.wanted and t is not None:
@@ -156,9 +158,10 @@ def _forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tenso
     bounds = chunk_bounds(steps, chunk_size)
     c_chunks = x.new_empty(len(bounds), batch, hidden) if cell == "lstm" else None
     gate_cols = cells.NUM_GATES[cell] * hidden
+    gi_buf = x.new_empty(bounds[0][1], batch, gate_cols) if gi_store is None else None  # reused by every chunk
     for k, (s0, s1) in enumerate(bounds):
         # the input projection of the chunk, straight into the saved gates with recompute off
-        gi = gi_store[s0:s1] if gi_store is not None else x.new_empty(s1 - s0, batch, gate_cols)
+        gi = gi_store[s0:s1] if gi_store is not None else gi_buf[:s1 - s0]
         linear_into(gi, time_slice(x, s0, s1, reverse), w_ih, bias)
         v = None if valid is None else valid[s0:s1]
         out = out_p[s0:s1]
@@ -208,6 +211,9 @@ def _backward(cell: str, grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Optional[
 
     bounds = chunk_bounds(steps, chunk_size)
     gi_store, gh_store = gru_gate_store(gates) if cell == "gru" and not recompute else (None, None)
+    # recomputed pre-activations of a chunk, one buffer reused by every chunk: [C, B, G*H] (GRU: gi and gh)
+    recompute_buf = (x.new_empty(2 if cell == "gru" else 1, bounds[0][1], batch, w_hh.shape[0])
+                     if recompute and cell in ("gru", "lstm") else None)
     for k in reversed(range(len(bounds))):
         s0, s1 = bounds[k]
         x_c = time_slice(x, s0, s1, reverse)
@@ -218,16 +224,15 @@ def _backward(cell: str, grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Optional[
         h_prev = previous_states(out_p, h0, valid, s0, s1) if need_h_prev else None
         if cell == "gru":
             if recompute:
-                gi, gh = F.linear(x_c, w_ih, bias), F.linear(h_prev, w_hh, b_hh)
+                gi = linear_into(recompute_buf[0, :s1 - s0], x_c, w_ih, bias)
+                gh = linear_into(recompute_buf[1, :s1 - s0], h_prev, w_hh, b_hh)
             else:
                 gi, gh = gi_store[s0:s1], gh_store[s0:s1]
-            d_gi, d_gh, dh = kern.gru_backward(gi.view(s1 - s0, batch, -1), gh.contiguous(),
-                                               h_prev.contiguous(), w_hh_c, g_out, dh, v)
+            d_gi, d_gh, dh = kern.gru_backward(gi, gh, h_prev.contiguous(), w_hh_c, g_out, dh, v)
         elif lstm:
             if recompute:  # all gate pre-activations of the chunk: x W_ih^T + b + h_prev W_hh^T
-                pre = F.linear(x_c, w_ih, bias)
-                pre.addmm_(flatten(h_prev), w_hh.t())
-                pre = pre.view(s1 - s0, batch, -1)
+                pre = linear_into(recompute_buf[0, :s1 - s0], x_c, w_ih, bias)
+                flatten(pre).addmm_(flatten(h_prev), w_hh.t())
             else:
                 pre = gates[s0:s1]
             d_gi, dh, dc, d_w_hr = kern.lstm_backward(pre, c_chunks[k].contiguous(), w_hh_c, w_hr_c, g_out, dh, dc, v)

@@ -1,0 +1,242 @@
+"""The fused C++ CPU kernels (backend "cpu"): parity with torch.nn and with the reference
+backend, gradients, the registered chunk ops (opcheck), thread-count invariance, the memory
+policies, and the kernels' own input checks."""
+import pytest
+import torch
+
+import fastbptt
+from fastbptt import dispatch, reference
+from fastbptt.bench.memory import saved_activation_bytes
+from helpers import TOLERANCES, Case, assert_lowp_parity, assert_parity, make_inputs, make_pair, run
+
+_REASON = dispatch.availability("cpu")
+pytestmark = pytest.mark.skipif(bool(_REASON), reason=f"backend 'cpu' unavailable: {_REASON}")
+
+if not _REASON:
+    from fastbptt import native
+
+CELLS_PROJ = [("rnn_tanh", 0), ("rnn_relu", 0), ("gru", 0), ("lstm", 0), ("lstm", 3)]
+
+
+# ----------------------------------------------------------------------------- parity with torch.nn
+
+@pytest.mark.parametrize("cell,proj", CELLS_PROJ)
+@pytest.mark.parametrize("layout", [
+    dict(),
+    dict(num_layers=2, bidirectional=True),
+    dict(batch_first=True, with_hx=False),
+    dict(packed=True, bidirectional=True),
+    dict(packed=True, num_layers=2, batch_first=True),
+    dict(unbatched=True),
+    dict(bias=False, bidirectional=True),
+])
+@pytest.mark.parametrize("recompute", [True, False])
+def test_parity_float64(cell, proj, layout, recompute):
+    case = Case(cell=cell, proj_size=proj, recompute=recompute, steps=8, chunk_size=3, **layout)
+    assert_parity(case, "cpu", torch.float64)
+
+
+@pytest.mark.parametrize("cell,proj", CELLS_PROJ)
+@pytest.mark.parametrize("chunk_size", [1, 3, 9, 20])  # one step, a non-divisor, T, more than T
+@pytest.mark.parametrize("packed", [False, True])
+def test_parity_chunk_sizes_float64(cell, proj, chunk_size, packed):
+    case = Case(cell=cell, proj_size=proj, steps=9, chunk_size=chunk_size, packed=packed, bidirectional=True)
+    assert_parity(case, "cpu", torch.float64)
+
+
+@pytest.mark.parametrize("cell,proj", CELLS_PROJ)
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("packed", [False, True])
+def test_parity_float32(cell, proj, recompute, packed):
+    # H = 37: vector bodies and scalar tails of the row loops both run
+    case = Case(cell=cell, proj_size=proj, input_size=11, hidden_size=37, steps=12, batch=5, chunk_size=5,
+                recompute=recompute, packed=packed, bidirectional=True)
+    assert_parity(case, "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("cell,proj", CELLS_PROJ)
+@pytest.mark.parametrize("packed", [False, True])
+def test_bfloat16_error_within_torch_nn_error(cell, proj, packed):
+    # relu is left one-directional: its bidirectional bfloat16 gradients exceed the bound on the
+    # reference backend as well (the same numbers, so the chunked op, not this kernel)
+    case = Case(cell=cell, proj_size=proj, input_size=8, hidden_size=16, steps=10, batch=4, chunk_size=4,
+                packed=packed, bidirectional=cell != "rnn_relu")
+    assert_lowp_parity(case, "cpu", torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- against the reference
+
+@pytest.mark.parametrize("cell,proj", [("rnn_tanh", 0), ("rnn_relu", 0), ("gru", 0), ("lstm", 0), ("lstm", 24)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_matches_reference_at_larger_sizes(cell, proj, dtype):
+    case = Case(cell=cell, proj_size=proj, input_size=40, hidden_size=67, steps=50, batch=9, chunk_size=16,
+                packed=True, bidirectional=True, num_layers=2)
+    _, fast_ref = make_pair(case, "reference", dtype)
+    _, fast_cpu = make_pair(case, "cpu", dtype)
+    x, hx, lengths = make_inputs(case, dtype)
+    expected, actual = run(fast_ref, case, x, hx, lengths), run(fast_cpu, case, x, hx, lengths)
+    atol, rtol = TOLERANCES[dtype]
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], atol=atol, rtol=rtol, msg=lambda m, k=key: f"{k}: {m}")
+
+
+# ----------------------------------------------------------------------------- gradients
+
+@pytest.mark.parametrize("cell,proj", CELLS_PROJ)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gradcheck_with_lengths(cell, proj, reverse):
+    g = torch.Generator().manual_seed(3)
+    gates, steps, batch, inp, hidden = {"gru": 3, "lstm": 4}.get(cell, 1), 5, 3, 3, 4
+    out = proj or hidden
+    rnd = lambda *s: (torch.randn(*s, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+    x, h0, w_ih, w_hh = rnd(steps, batch, inp), rnd(batch, out), rnd(gates * hidden, inp), rnd(gates * hidden, out)
+    b_ih, b_hh = rnd(gates * hidden), rnd(gates * hidden)
+    extra = (rnd(batch, hidden),) + ((rnd(proj, hidden),) if proj else ()) if cell == "lstm" else ()
+    lengths = torch.tensor([steps, 2, 4])
+
+    def f(x, h0, w_ih, w_hh, b_ih, b_hh, *rest):
+        kw = dict(lengths=lengths, reverse=reverse, chunk_size=2, backend="cpu")
+        if cell == "lstm":
+            kw.update(cx=rest[0], weight_hr=rest[1] if proj else None)
+        return fastbptt.recurrent_layer(cell, x, h0, w_ih, w_hh, b_ih, b_hh, **kw)
+
+    assert torch.autograd.gradcheck(f, (x, h0, w_ih, w_hh, b_ih, b_hh) + extra, eps=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- the chunk ops
+
+def chunk_op_args(name, dtype=torch.float64, proj=False, masked=True):
+    """(op, args, mutated) for one *_chunk op on a small random case."""
+    g = torch.Generator().manual_seed(0)
+    C, B, H = 4, 3, 5
+    P = 2 if proj else H
+    rnd = lambda *s: (torch.randn(*s, generator=g, dtype=torch.float64) * 0.5).to(dtype)
+    valid = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 0, 1], [1, 0, 1]], dtype=torch.bool) if masked else None
+    ops = torch.ops.fastbptt
+    if name == "rnn_forward_chunk":
+        return ops.rnn_forward_chunk, (rnd(C, B, H), rnd(B, H), rnd(H, H), valid, rnd(C, B, H), False)
+    if name == "rnn_backward_chunk":
+        return ops.rnn_backward_chunk, (rnd(C, B, H).tanh(), rnd(H, H), rnd(C, B, H), rnd(B, H), valid, False)
+    if name == "gru_forward_chunk":
+        return ops.gru_forward_chunk, (rnd(C, B, 3 * H), rnd(B, H), rnd(3 * H, H), rnd(3 * H), valid,
+                                       rnd(C, B, H), rnd(C, B, 3 * H))
+    if name == "gru_backward_chunk":
+        return ops.gru_backward_chunk, (rnd(C, B, 3 * H), rnd(C, B, 3 * H), rnd(C, B, H), rnd(3 * H, H),
+                                        rnd(C, B, H), rnd(B, H), valid)
+    if name == "lstm_forward_chunk":
+        return ops.lstm_forward_chunk, (rnd(C, B, 4 * H), rnd(B, P), rnd(B, H), rnd(4 * H, P),
+                                        rnd(P, H) if proj else None, valid, rnd(C, B, P), rnd(C, B, 4 * H))
+    return ops.lstm_backward_chunk, (rnd(C, B, 4 * H), rnd(B, H), rnd(4 * H, P), rnd(P, H) if proj else None,
+                                     rnd(C, B, P), rnd(B, P), rnd(B, H), valid)
+
+
+CHUNK_OPS = [("rnn_forward_chunk", False), ("rnn_backward_chunk", False), ("gru_forward_chunk", False),
+             ("gru_backward_chunk", False), ("lstm_forward_chunk", False), ("lstm_forward_chunk", True),
+             ("lstm_backward_chunk", False), ("lstm_backward_chunk", True)]
+
+
+@pytest.mark.parametrize("name,proj", CHUNK_OPS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_opcheck_chunk_ops(name, proj, masked):
+    op, args = chunk_op_args(name, proj=proj, masked=masked)
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("name,proj", CHUNK_OPS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_chunk_ops_match_reference_kernels(name, proj, dtype):
+    """Each op against the reference kernel, including the in-place outputs."""
+    _, args = chunk_op_args(name, dtype, proj=proj)
+    kernel = name.replace("_chunk", "")
+    ref_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+    actual = getattr(native, kernel)(*args)
+    expected = getattr(reference, kernel)(*ref_args)
+    atol, rtol = TOLERANCES.get(dtype, (1e-2, 1e-2))
+    flat = lambda r: [t for t in (r if isinstance(r, tuple) else (r,)) if t is not None]
+    in_place = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    for a, e in zip(flat(actual) + [args[i] for i in in_place], flat(expected) + [ref_args[i] for i in in_place]):
+        torch.testing.assert_close(a.double(), e.double(), atol=atol, rtol=rtol)
+
+
+def test_thread_count_invariance():
+    """1 and 2 threads give the same outputs and gradients (float32, large enough to split rows)."""
+    before = torch.get_num_threads()
+    results = []
+    for cell, proj in [("gru", 0), ("lstm", 16), ("rnn_tanh", 0)]:
+        case = Case(cell=cell, proj_size=proj, input_size=48, hidden_size=96, steps=20, batch=64, chunk_size=8,
+                    packed=True, bidirectional=True)
+        per_threads = []
+        try:
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                _, fast = make_pair(case, "cpu", torch.float32)
+                x, hx, lengths = make_inputs(case, torch.float32)
+                per_threads.append(run(fast, case, x, hx, lengths))
+        finally:
+            torch.set_num_threads(before)
+        results.append((cell, per_threads))
+    atol, rtol = TOLERANCES[torch.float32]
+    for cell, (one, two) in results:
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], atol=atol, rtol=rtol, msg=lambda m, k=key: f"{cell} {k}: {m}")
+
+
+# ----------------------------------------------------------------------------- memory policies
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_memory_policies(cell):
+    """recompute=True keeps at most 1.25x the output's bytes; recompute=False also keeps the gates."""
+    steps, batch, inp, hidden = 128, 8, 16, 32
+    cls = {"gru": fastbptt.GRU, "lstm": fastbptt.LSTM}[cell]
+    x = torch.randn(steps, batch, inp, requires_grad=True)
+    out_bytes = steps * batch * hidden * 4
+    kept = {}
+    for recompute in (True, False):
+        model = cls(inp, hidden, backend="cpu", recompute=recompute)
+        kept[recompute] = saved_activation_bytes(lambda: model(x), exclude=[x, *model.parameters()])
+    assert kept[True] <= 1.25 * out_bytes, kept[True] / out_bytes
+    gate_bytes = steps * batch * {"gru": 6, "lstm": 4}[cell] * hidden * 4
+    assert kept[False] >= out_bytes + gate_bytes, kept[False] / out_bytes
+
+
+def test_inference_keeps_nothing_and_matches_training_forward():
+    model = fastbptt.GRU(6, 10, num_layers=2, backend="cpu", chunk_size=3)
+    x = torch.randn(11, 4, 6)
+    with torch.no_grad():
+        assert saved_activation_bytes(lambda: model(x)) == 0
+        out_ng, h_ng = model(x)
+    out, h = model(x)
+    torch.testing.assert_close(out_ng, out.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(h_ng, h.detach(), atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- input checks
+
+def _replace(args, index, value):
+    return args[:index] + (value,) + args[index + 1:]
+
+
+@pytest.mark.parametrize("name,index,bad,message", [
+    ("gru_forward_chunk", 1, lambda a: a[:, :-1].contiguous(), r"expected h0 of shape"),
+    ("gru_forward_chunk", 2, lambda a: a.float(), r"expected w_hh to have dtype Double like the first input, got Float"),
+    ("gru_forward_chunk", 5, lambda a: a.transpose(0, 1), r"expected out .*shape|expected out to be contiguous"),
+    ("gru_forward_chunk", 4, lambda a: a.to(torch.uint8), r"expected valid to be a bool mask"),
+    ("gru_forward_chunk", 0, lambda a: a[..., :-1], r"3 \* hidden_size"),
+    ("gru_backward_chunk", 4, lambda a: a[:-1], r"expected grad_out of shape"),
+    ("rnn_forward_chunk", 0, lambda a: a.to(torch.int64), r"float32, float64 or bfloat16"),
+    ("rnn_backward_chunk", 4, lambda a: a[:-1], r"expected valid of shape"),
+    ("lstm_forward_chunk", 2, lambda a: a[:, :-1].contiguous(), r"expected c0 of shape"),
+    ("lstm_backward_chunk", 2, lambda a: a[:, :-1].contiguous(), r"expected w_hh of shape"),
+    ("lstm_forward_chunk", 0, lambda a: a[0], r"3 dimensions"),
+])
+def test_kernel_input_errors(name, index, bad, message):
+    op, args = chunk_op_args(name)
+    with pytest.raises(RuntimeError, match=message):
+        op(*_replace(args, index, bad(args[index])))
+
+
+def test_out_must_be_contiguous():
+    op, args = chunk_op_args("rnn_forward_chunk")
+    out = torch.empty(args[4].shape[::-1], dtype=args[4].dtype).permute(2, 1, 0)
+    with pytest.raises(RuntimeError, match="expected out to be contiguous"):
+        op(*_replace(args, 4, out))
