@@ -410,15 +410,26 @@ def _sweep(args) -> int:
             log(f"    {row['updates']} updates, {row['tokens_per_s']:,} tokens/s, validation perplexity "
                 f"{row['val_ppl']:.3f}, saved activations {row['saved_mib']:.2f} MiB per window")
             rows.append(row)
-    import platform
-
     meta = (f"{_describe(dataclasses.replace(_lm_config(args, len(vocab)), impl='fastbptt'), device)}; batch "
-            f"{args.batch_size}; lr {args.lr:g} ({args.schedule}); {args.budget_seconds:g} s of training per "
-            f"setting; {len(train_ids):,} training characters; torch {torch.__version__} on {device.type} "
-            f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+            f"{args.batch_size}; lr {args.lr:g} (schedule {args.schedule}); {args.budget_seconds:g} s of training "
+            f"per setting; {len(train_ids):,} training characters; torch {torch.__version__}; {_machine(device)}")
     _write_sweep(rows, out, meta)
     print(f"wrote {out / 'sweep.csv'}, {out / 'sweep.md'}, {out / 'sweep.png'}")
     return 0
+
+
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"GPU {torch.cuda.get_device_name(device)}"
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)"
 
 
 def _write_sweep(rows: list[dict], out: Path, meta: str) -> None:
