@@ -645,8 +645,9 @@ class Trainer:
         if pbar is not None:
             pbar.write(f"step {self.step:>6}  epoch {self.batcher.epoch}  val loss {loss:.4f}  "
                        f"val ppl {math.exp(min(loss, 50.0)):.3f}")
-        elif self.is_main and self.cfg.progress:
-            self.log(f"step {self.step}: val ppl {math.exp(min(loss, 50.0)):.3f}")
+        elif self.is_main:
+            self.log(f"step {self.step:>6}  epoch {self.batcher.epoch}  val loss {loss:.4f}  "
+                     f"val ppl {math.exp(min(loss, 50.0)):.3f}")
 
     def fit(self, until: Optional[int] = None) -> dict:
         """Trains until ``max_steps`` updates, ``epochs`` epochs or ``time_budget`` seconds;
