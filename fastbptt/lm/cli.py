@@ -438,7 +438,8 @@ def _write_sweep(rows: list[dict], out: Path, meta: str) -> None:
         writer.writeheader()
         writer.writerows(rows)
     lines = [f"Setup: {meta}.", "",
-             "| num_steps | implementation | updates | tokens | tokens/s | validation ppl | saved activations / window (MiB) |",
+             "| num_steps | implementation | updates | tokens | tokens/s | validation ppl "
+             "| saved activations / window (MiB) |",
              "|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['num_steps']} | {r['impl']} | {r['updates']:,} | {r['tokens']:,} | {r['tokens_per_s']:,} "

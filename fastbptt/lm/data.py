@@ -19,7 +19,7 @@ import sys
 import tempfile
 import unicodedata
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 import torch
 
