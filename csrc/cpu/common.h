@@ -28,7 +28,7 @@ namespace cpu {
 using at::Tensor;
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FASTBPTT_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#define FASTBPTT_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define FASTBPTT_CLONES
 #endif
