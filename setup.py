@@ -40,12 +40,12 @@ def ext_modules_and_cmdclass():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -fno-math-errno/-fno-trapping-math (torch's own flags) let the fused row loops in
     # csrc/cpu vectorize; no -march: AVX2 clones are picked at load time (csrc/cpu/common.h)
-    cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno", "-fno-trapping-math"]
+    cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
     extra = {"cxx": cxx_flags}
     if build_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("FASTBPTT_CUDA_ARCH", CUDA_ARCH_DEFAULT))
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
-        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]
         cxx_flags.append("-DFASTBPTT_WITH_CUDA")
         ext = CUDAExtension("fastbptt._C", sources, extra_compile_args=extra)
     else:
