@@ -25,8 +25,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def cpu_backends() -> list[str]:
-    """Backends that run on CPU tensors here: the reference, the C++ kernels when built, and
-    Triton when its interpreter is on."""
+    """Backends the CPU parity suites run: the reference and the C++ kernels when built (Triton's
+    interpreter has its own, smaller suite in test_triton.py)."""
     names = ["reference"]
     if not dispatch.availability("cpu"):
         names.append("cpu")
@@ -38,3 +38,21 @@ def triton_interpreted() -> bool:
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def no_tf32():
+    """float32 products in full precision on the GPU, for comparisons against cuDNN."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is fastest and immune to a busy machine's oversubscription."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -152,3 +152,15 @@ def assert_lowp_parity(case: Case, backend: str, dtype, device="cpu") -> None:
         err = (value.double() - oracle[key]).abs().max().item()
         bound = LOWP_FACTOR * torch_err[key] + LOWP_ATOL[dtype]
         assert err <= bound, f"{backend} {dtype} {key}: error {err:.3g} > {bound:.3g} (torch.nn's {torch_err[key]:.3g})"
+
+
+def assert_compile_matches_eager(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """torch.compile(fullgraph=True) traces ``model`` without graph breaks and gives the eager
+    output and input gradient."""
+    torch._dynamo.reset()
+    out_e, _ = model(x)
+    (g_e,) = torch.autograd.grad(out_e.sum(), x)
+    out_c, _ = torch.compile(model, fullgraph=True)(x)
+    (g_c,) = torch.autograd.grad(out_c.sum(), x)
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(g_c, g_e)

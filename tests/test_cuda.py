@@ -16,7 +16,8 @@ import torch
 import fastbptt
 from conftest import requires_cuda
 from fastbptt import dispatch
-from helpers import TOLERANCES, Case, assert_lowp_parity, assert_parity, assert_results_close, make_inputs, make_pair, run
+from helpers import (TOLERANCES, Case, assert_compile_matches_eager, assert_lowp_parity, assert_parity,
+                     assert_results_close, make_inputs, make_pair, run)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,12 +49,6 @@ def gpu_test(f):
     return requires_cuda(requires_cuda_backend(pytest.mark.cuda(f)))
 
 
-@pytest.fixture
-def no_tf32():
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @pytest.fixture(params=["standard", "auto"])
@@ -123,17 +118,9 @@ def test_two_runs_are_bitwise_equal(case, cuda_path):
 @gpu_test
 @pytest.mark.parametrize("cell", ["gru", "lstm", "rnn_tanh"])
 def test_torch_compile_fullgraph_matches_eager(cell):
-    torch._dynamo.reset()
     cls = {"gru": fastbptt.GRU, "lstm": fastbptt.LSTM, "rnn_tanh": fastbptt.RNN}[cell]
     model = cls(8, 16, num_layers=2, bidirectional=True, batch_first=True, backend="cuda").cuda()
-    x = torch.randn(3, 11, 8, device="cuda", requires_grad=True)
-    out_e, _ = model(x)
-    (g_e,) = torch.autograd.grad(out_e.sum(), x)
-    compiled = torch.compile(model, fullgraph=True)
-    out_c, _ = compiled(x)
-    (g_c,) = torch.autograd.grad(out_c.sum(), x)
-    torch.testing.assert_close(out_c, out_e)
-    torch.testing.assert_close(g_c, g_e)
+    assert_compile_matches_eager(model, torch.randn(3, 11, 8, device="cuda", requires_grad=True))
 
 
 @gpu_test

@@ -20,12 +20,8 @@ SMALL = ["--hidden-size", "16", "--embedding-dim", "8", "--batch-size", "4", "--
          "--val-fraction", "0.1", "--eval-batch-size", "2", "--no-progress", "--threads", "1", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- data

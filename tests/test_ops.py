@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import fastbptt
 from conftest import cpu_backends
 from fastbptt.bench.memory import saved_activation_bytes
-from helpers import Case, assert_parity
+from helpers import Case, assert_compile_matches_eager, assert_parity
 
 CELLS = ["rnn_tanh", "rnn_relu", "gru", "lstm"]
 GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
@@ -61,17 +61,9 @@ def test_gradcheck_float64(backend, cell, proj, reverse, recompute):
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_torch_compile_fullgraph_matches_eager(backend, cell):
-    torch._dynamo.reset()
     model = {"gru": fastbptt.GRU, "lstm": fastbptt.LSTM}[cell](4, 6, num_layers=2, bidirectional=True,
                                                               batch_first=True, backend=backend)
-    x = torch.randn(3, 7, 4, requires_grad=True)
-    out_e, _ = model(x)
-    (g_e,) = torch.autograd.grad(out_e.sum(), x)
-    compiled = torch.compile(model, fullgraph=True)
-    out_c, _ = compiled(x)
-    (g_c,) = torch.autograd.grad(out_c.sum(), x)
-    torch.testing.assert_close(out_c, out_e)
-    torch.testing.assert_close(g_c, g_e)
+    assert_compile_matches_eager(model, torch.randn(3, 7, 4, requires_grad=True))
 
 
 @pytest.mark.parametrize("backend", cpu_backends())

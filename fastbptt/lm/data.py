@@ -16,7 +16,6 @@ import importlib.util
 import os
 import re
 import sys
-import tempfile
 import unicodedata
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -24,6 +23,7 @@ from typing import Iterable, Sequence
 import torch
 
 from ..tbptt import StreamBatcher  # noqa: F401  (re-exported: the LM's data pipeline in one place)
+from ..tbptt import atomic_write
 
 CORPUS_VERSION = 1  # bump when the transliteration changes, so old caches are not reused
 DEFAULT_CORPUS_NAME = f"peoples_daily_199801_pinyin_v{CORPUS_VERSION}.txt"
@@ -191,18 +191,7 @@ def to_pinyin(lines: Sequence[str], *, progress: bool = True) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 def default_corpus(*, progress: bool = True, log=print) -> str:
