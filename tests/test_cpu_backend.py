@@ -105,13 +105,19 @@ def test_gradcheck_with_lengths(cell, proj, reverse):
 
 # ----------------------------------------------------------------------------- the chunk ops
 
-def chunk_op_args(name, dtype=torch.float64, proj=False, masked=True):
+def chunk_op_args(name, dtype=torch.float64, proj=False, masked=True, batch=3, hidden=5):
     """(op, args, mutated) for one *_chunk op on a small random case."""
     g = torch.Generator().manual_seed(0)
-    C, B, H = 4, 3, 5
+    C, B, H = 4, batch, hidden
     P = 2 if proj else H
     rnd = lambda *s: (torch.randn(*s, generator=g, dtype=torch.float64) * 0.5).to(dtype)
-    valid = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 0, 1], [1, 0, 1]], dtype=torch.bool) if masked else None
+    valid = None
+    if masked and B == 3:
+        valid = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 0, 1], [1, 0, 1]], dtype=torch.bool)
+    elif masked:  # each row padded at some step
+        valid = torch.ones(C, B, dtype=torch.bool)
+        for b in range(B):
+            valid[(2 * b + 1) % C, b] = False
     ops = torch.ops.fastbptt
     if name == "rnn_forward_chunk":
         return ops.rnn_forward_chunk, (rnd(C, B, H), rnd(B, H), rnd(H, H), valid, rnd(C, B, H), False)
@@ -133,6 +139,23 @@ def chunk_op_args(name, dtype=torch.float64, proj=False, masked=True):
 CHUNK_OPS = [("rnn_forward_chunk", False), ("rnn_backward_chunk", False), ("gru_forward_chunk", False),
              ("gru_backward_chunk", False), ("lstm_forward_chunk", False), ("lstm_forward_chunk", True),
              ("lstm_backward_chunk", False), ("lstm_backward_chunk", True)]
+
+
+@pytest.mark.parametrize("name,proj", CHUNK_OPS)
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("masked", [False, True])
+def test_small_batch_products_match_reference_kernels(name, proj, batch, masked):
+    """float32 with one or two rows runs the per-step products as matrix-vector kernels."""
+    _, args = chunk_op_args(name, torch.float32, proj=proj, masked=masked, batch=batch, hidden=37)
+    kernel = name.replace("_chunk", "")
+    ref_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+    actual = getattr(native, kernel)(*args)
+    expected = getattr(reference, kernel)(*ref_args)
+    atol, rtol = TOLERANCES[torch.float32]
+    flat = lambda r: [t for t in (r if isinstance(r, tuple) else (r,)) if t is not None]
+    in_place = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    for a, e in zip(flat(actual) + [args[i] for i in in_place], flat(expected) + [ref_args[i] for i in in_place]):
+        torch.testing.assert_close(a, e, atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("name,proj", CHUNK_OPS)

@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <algorithm>
 #include <optional>
 #include <string>
 
@@ -86,6 +87,17 @@ inline int64_t row_grain(int64_t values_per_row) {
 inline const bool* valid_row(const bool* valid, int64_t t, int64_t batch) {
   return valid == nullptr ? nullptr : valid + t * batch;
 }
+
+// ----------------------------------------------------------------------------- recurrent products
+//
+// The per-step products of the chunk loops (csrc/cpu/small_mm.cpp). float32 batches of at most
+// kSmallBatch rows run a matrix-vector kernel parallel over W_hh; everything else is ATen (MKL).
+constexpr int64_t kSmallBatch = 2;
+
+// out = base + a w^T: a [B, K], w [N, K], out [B, N]; base: [B, N], [N] (broadcast) or none
+void recurrent_mm(const Tensor& out, const std::optional<Tensor>& base, const Tensor& a, const Tensor& w);
+// dh += d w: d [B, N], w [N, K], dh [B, K]
+void recurrent_mm_acc(const Tensor& dh, const Tensor& d, const Tensor& w);
 
 inline const char* dtype_name(at::ScalarType t) { return c10::toString(t); }
 

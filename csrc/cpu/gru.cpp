@@ -113,15 +113,10 @@ Tensor gru_forward_impl(const Tensor& gi, const Tensor& h0, const Tensor& w_hh, 
   const int64_t steps = gi.size(0), batch = gi.size(1), H = h0.size(1);
   Tensor h = h0.clone();
   Tensor gh_buf = gh_out.has_value() ? Tensor() : at::empty({batch, 3 * H}, gi.options());
-  const Tensor w_t = w_hh.t();
   const int64_t grain = row_grain(3 * H);
   for (int64_t t = 0; t < steps; ++t) {
     Tensor gh = gh_out.has_value() ? gh_out->select(0, t) : gh_buf;
-    if (b_hh.has_value()) {
-      at::addmm_out(gh, *b_hh, h, w_t);
-    } else {
-      at::mm_out(gh, h, w_t);
-    }
+    recurrent_mm(gh, b_hh, h, w_hh);
     const T* p_gi = gi.data_ptr<T>() + t * batch * 3 * H;
     const T* p_gh = gh.data_ptr<T>();
     T* p_h = h.data_ptr<T>();
@@ -156,7 +151,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_backward_impl(const Tensor& gi, const Ten
       gru_backward_rows_any(p_gi, p_gh, p_hp, p_go, p_dh, p_dgi, p_dgh, v, H, b0, b1);
     });
     // padded rows have d_gh = 0, so they keep dh unchanged
-    dh.addmm_(d_gh.select(0, t), w_hh);
+    recurrent_mm_acc(dh, d_gh.select(0, t), w_hh);
   }
   return {d_gi, d_gh, dh};
 }

@@ -191,12 +191,10 @@ std::tuple<Tensor, Tensor> lstm_forward_impl(const Tensor& gates_in, const Tenso
   // without projection and without padding, m is the new h itself
   Tensor m = at::empty({batch, H}, gates_in.options());
   Tensor h_proj = proj ? at::empty({batch, P}, gates_in.options()) : Tensor();
-  const Tensor w_t = w_hh.t();
-  const Tensor w_hr_t = proj ? w_hr->t() : Tensor();
   const int64_t grain = row_grain(4 * H);
   for (int64_t t = 0; t < steps; ++t) {
     Tensor g = gates_out.has_value() ? gates_out->select(0, t) : gates_buf;
-    at::addmm_out(g, gates_in.select(0, t), h, w_t);
+    recurrent_mm(g, gates_in.select(0, t), h, w_hh);
     Tensor out_t = out.select(0, t);
     const bool* v = valid_row(valid, t, batch);
     const T* p_g = g.data_ptr<T>();
@@ -209,10 +207,10 @@ std::tuple<Tensor, Tensor> lstm_forward_impl(const Tensor& gates_in, const Tenso
     });
     if (proj) {
       if (v == nullptr) {
-        at::mm_out(out_t, m, w_hr_t);
+        recurrent_mm(out_t, std::nullopt, m, *w_hr);
         h.copy_(out_t);
       } else {
-        at::mm_out(h_proj, m, w_hr_t);
+        recurrent_mm(h_proj, std::nullopt, m, *w_hr);
         const T* p_hp = h_proj.data_ptr<T>();
         T* p_h = h.data_ptr<T>();
         T* p_o = out_t.data_ptr<T>();
@@ -274,7 +272,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward_impl(const Tensor& gate
       backward_rows(p_g, p_cp, p_cn, p_dm, !proj, p_go, p_dh, p_dc, p_dg, v, H, b0, b1);
     });
     // valid rows of dh were zeroed, padded rows have d_gates = 0 and keep dh
-    dh.addmm_(d_gates.select(0, t), w_hh);
+    recurrent_mm_acc(dh, d_gates.select(0, t), w_hh);
   }
   Tensor grad_w_hr = proj ? at::mm(dh_all.reshape({steps * batch, P}).t(), m_all.reshape({steps * batch, H}))
                           : at::empty({0}, gates.options());

@@ -100,10 +100,9 @@ Tensor rnn_forward_impl(const Tensor& pre_in, const Tensor& h0, const Tensor& w_
   const int64_t steps = pre_in.size(0), batch = pre_in.size(1), H = h0.size(1);
   Tensor h = h0.clone();
   Tensor pre = at::empty({batch, H}, pre_in.options());
-  const Tensor w_t = w_hh.t();
   const int64_t grain = row_grain(4 * H);  // one activation per unit: cheaper rows than GRU/LSTM
   for (int64_t t = 0; t < steps; ++t) {
-    at::addmm_out(pre, pre_in.select(0, t), h, w_t);
+    recurrent_mm(pre, pre_in.select(0, t), h, w_hh);
     const T* p_pre = pre.data_ptr<T>();
     T* p_h = h.data_ptr<T>();
     T* p_out = out.data_ptr<T>() + t * batch * H;
@@ -132,7 +131,7 @@ std::tuple<Tensor, Tensor> rnn_backward_impl(const Tensor& out, const Tensor& w_
       backward_rows(p_out, p_go, p_dh, p_dp, v, relu, H, b0, b1);
     });
     // valid rows of dh were zeroed; padded rows have d_pre = 0 and keep dh
-    dh.addmm_(d_pre.select(0, t), w_hh);
+    recurrent_mm_acc(dh, d_pre.select(0, t), w_hh);
   }
   return {d_pre, dh};
 }
