@@ -24,23 +24,12 @@ def _ids(v):
     return getattr(v, "__name__", None) or str(v).replace("torch.", "")
 
 
-# Default grid: every cell x layers x direction x input kind x dtype; batch_first, bias and
-# with_hx rotate through all eight combinations across it.
-_DEFAULT = [(c, l, b, k, d, FLAGS[i % len(FLAGS)])
-            for i, (c, l, b, k, d) in enumerate(itertools.product(CELLS, LAYERS, [False, True], INPUT_KINDS, DTYPES))]
-
-
-@pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("cell_proj,layers,bidirectional,kind,dtype,flags", _DEFAULT, ids=_ids)
-def test_parity(backend, cell_proj, layers, bidirectional, kind, dtype, flags):
-    assert_parity(make_case(*cell_proj, layers, bidirectional, kind, *flags), backend, dtype)
-
-
-@pytest.mark.slow
+# The full product: every cell x layers x direction x input kind (batched, unbatched, packed)
+# x dtype x batch_first x bias x with/without hx.
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("cell_proj,layers,bidirectional,kind,dtype,flags",
                          list(itertools.product(CELLS, LAYERS, [False, True], INPUT_KINDS, DTYPES, FLAGS)), ids=_ids)
-def test_parity_full_grid(backend, cell_proj, layers, bidirectional, kind, dtype, flags):
+def test_parity(backend, cell_proj, layers, bidirectional, kind, dtype, flags):
     assert_parity(make_case(*cell_proj, layers, bidirectional, kind, *flags), backend, dtype)
 
 
