@@ -116,6 +116,21 @@ def store_tile(p, x, o_b, o_n, m_b, n, N):
 
 
 @triton.jit
+def store_step(p_cur, p_nxt, p_out_t, h_new, p_valid_t, o_b, o_n, m_b, N, HAS_VALID: tl.constexpr):
+    """Writes one step's state tile (to ``p_nxt``) and output tile (to ``p_out_t``), both
+    row-major [., N]: rows that are padding at this step (``p_valid_t``: the step's [B] mask)
+    keep their state from ``p_cur`` and output zeros."""
+    h = h_new
+    y = h_new
+    if HAS_VALID:
+        b_v = tl.load(p_valid_t + o_b, mask=m_b, other=0) != 0
+        h = tl.where(b_v[:, None], h_new, load_tile(p_cur, o_b, o_n, m_b, N, N))
+        y = tl.where(b_v[:, None], h_new, 0.0)
+    store_tile(p_nxt, h, o_b, o_n, m_b, N, N)
+    store_tile(p_out_t, y, o_b, o_n, m_b, N, N)
+
+
+@triton.jit
 def w_tile_t(p_w, row0, o_j, o_k, H, K):
     """[BLOCK_N(k), BLOCK_N(j)] tile of W^T: element (k, j) = W[row0 + j, k]; W is [., K], j < H."""
     m = (o_k < K)[:, None] & (o_j < H)[None, :]

@@ -12,9 +12,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (NUM_WARPS, block_sizes, check_launch, grid, load_tile, precision, scratch, sigmoid, store_tile,
-                     tanh,
-                     valid_arg, w_tile, w_tile_t)
+from .common import (NUM_WARPS, block_sizes, check_launch, grid, load_tile, precision, scratch, sigmoid, store_step,
+                     store_tile, tanh, valid_arg, w_tile, w_tile_t)
 
 
 @triton.jit
@@ -43,8 +42,6 @@ def gru_forward_kernel(
         p_cur = p_state + (t % 2) * B * H
         p_nxt = p_state + ((t + 1) % 2) * B * H
         p_gi_t = p_gi + t * B * 3 * H
-        if HAS_VALID:
-            b_v = tl.load(p_valid + t * B + o_b, mask=m_b, other=0) != 0
         for j0 in range(0, H, BLOCK_N):
             o_j = j0 + o_n
             acc_r = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
@@ -75,12 +72,7 @@ def gru_forward_kernel(
             n = tanh(load_tile(p_gi_t + 2 * H, o_b, o_j, m_b, 3 * H, H) + r * acc_n)
             h_prev = load_tile(p_cur, o_b, o_j, m_b, H, H)
             h = (1.0 - z) * n + z * h_prev
-            y = h
-            if HAS_VALID:
-                h = tl.where(b_v[:, None], h, h_prev)
-                y = tl.where(b_v[:, None], h, 0.0)
-            store_tile(p_nxt, h, o_b, o_j, m_b, H, H)
-            store_tile(p_out + t * B * H, y, o_b, o_j, m_b, H, H)
+            store_step(p_cur, p_nxt, p_out + t * B * H, h, p_valid + t * B, o_b, o_j, m_b, H, HAS_VALID)
         # h_t is complete before any tile of step t + 1 reads it
         tl.debug_barrier()
 

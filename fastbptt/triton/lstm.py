@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (NUM_WARPS, block_sizes, check_launch, grid, load_tile, precision, scratch, sigmoid, store_tile,
-                     tanh, valid_arg, w_tile, w_tile_t)
+from .common import (NUM_WARPS, block_sizes, check_launch, grid, load_tile, precision, scratch, sigmoid, store_step,
+                     store_tile, tanh, valid_arg, w_tile, w_tile_t)
 
 
 @triton.jit
@@ -88,13 +88,7 @@ def lstm_forward_kernel(
             if PROJ:
                 store_tile(p_m, m, o_b, o_j, m_b, H, H)
             else:
-                h = m
-                y = m
-                if HAS_VALID:
-                    h = tl.where(b_v[:, None], m, load_tile(p_hcur, o_b, o_j, m_b, P, P))
-                    y = tl.where(b_v[:, None], m, 0.0)
-                store_tile(p_hnxt, h, o_b, o_j, m_b, P, P)
-                store_tile(p_out + t * B * P, y, o_b, o_j, m_b, P, P)
+                store_step(p_hcur, p_hnxt, p_out + t * B * P, m, p_valid + t * B, o_b, o_j, m_b, P, HAS_VALID)
         if PROJ:
             tl.debug_barrier()
             # phase 2: h = m W_hr^T over the output tiles
@@ -106,13 +100,7 @@ def lstm_forward_kernel(
                     if not RESIDENT:
                         b_whr = w_tile_t(p_whr, 0, o_p, o_k, P, H)
                     acc += tl.dot(load_tile(p_m, o_b, o_k, m_b, H, H), b_whr, input_precision=PRECISION)
-                h = acc
-                y = acc
-                if HAS_VALID:
-                    h = tl.where(b_v[:, None], acc, load_tile(p_hcur, o_b, o_p, m_b, P, P))
-                    y = tl.where(b_v[:, None], acc, 0.0)
-                store_tile(p_hnxt, h, o_b, o_p, m_b, P, P)
-                store_tile(p_out + t * B * P, y, o_b, o_p, m_b, P, P)
+                store_step(p_hcur, p_hnxt, p_out + t * B * P, acc, p_valid + t * B, o_b, o_p, m_b, P, HAS_VALID)
         tl.debug_barrier()
 
 

@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (NUM_WARPS, block_sizes, check_launch, grid, load_tile, precision, scratch, store_tile, tanh,
-                     valid_arg, w_tile, w_tile_t)
+from .common import (NUM_WARPS, block_sizes, check_launch, grid, load_tile, precision, scratch, store_step, store_tile,
+                     tanh, valid_arg, w_tile, w_tile_t)
 
 
 @triton.jit
@@ -36,8 +36,6 @@ def rnn_forward_kernel(
     for t in range(C):
         p_cur = p_state + (t % 2) * B * H
         p_nxt = p_state + ((t + 1) % 2) * B * H
-        if HAS_VALID:
-            b_v = tl.load(p_valid + t * B + o_b, mask=m_b, other=0) != 0
         for j0 in range(0, H, BLOCK_N):
             o_j = j0 + o_n
             acc = load_tile(p_pre + t * B * H, o_b, o_j, m_b, H, H)
@@ -50,12 +48,7 @@ def rnn_forward_kernel(
                 h = tl.maximum(acc, 0.0)
             else:
                 h = tanh(acc)
-            y = h
-            if HAS_VALID:
-                h = tl.where(b_v[:, None], h, load_tile(p_cur, o_b, o_j, m_b, H, H))
-                y = tl.where(b_v[:, None], h, 0.0)
-            store_tile(p_nxt, h, o_b, o_j, m_b, H, H)
-            store_tile(p_out + t * B * H, y, o_b, o_j, m_b, H, H)
+            store_step(p_cur, p_nxt, p_out + t * B * H, h, p_valid + t * B, o_b, o_j, m_b, H, HAS_VALID)
         tl.debug_barrier()
 
 
