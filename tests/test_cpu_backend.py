@@ -158,6 +158,44 @@ def test_small_batch_products_match_reference_kernels(name, proj, batch, masked)
         torch.testing.assert_close(a, e, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("name", ["gru_forward_chunk", "lstm_forward_chunk"])
+@pytest.mark.parametrize("batch", [4, 5, 33])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("saved", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_packed_step_forward_matches_reference_kernels(monkeypatch, name, batch, masked, saved, threads):
+    """float32 GRU / LSTM forward with W_hh packed per thread (csrc/cpu/packed_step.cpp): H = 37 is not a
+    multiple of the 16-column panels and B not of the 6-row micro-kernel; with and without padding and
+    gh_out / gates_out. FASTBPTT_CPU_STEP=mkl runs the MKL path on the same case for comparison."""
+    _, args = chunk_op_args(name, torch.float32, masked=masked, batch=batch, hidden=37)
+    args = args if saved else args[:-1] + (None,)
+    kernel = name.replace("_chunk", "")
+    expected_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+    expected = getattr(reference, kernel)(*expected_args)
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        torch.set_num_threads(threads)
+        for path in ("packed", "mkl"):
+            monkeypatch.setenv("FASTBPTT_CPU_STEP", path)
+            path_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+            results[path] = (getattr(native, kernel)(*path_args), path_args)
+    finally:
+        torch.set_num_threads(before)
+    atol, rtol = TOLERANCES[torch.float32]
+    flat = lambda r: [t for t in (r if isinstance(r, tuple) else (r,)) if t is not None]
+    in_place = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    for path, (actual, path_args) in results.items():
+        got = flat(actual) + [path_args[i] for i in in_place]
+        want = flat(expected) + [expected_args[i] for i in in_place]
+        assert len(got) == len(want)
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e, atol=atol, rtol=rtol, msg=lambda m, p=path: f"{p}: {m}")
+    if masked:  # padded rows write zeros and keep their state
+        out = results["packed"][1][-2]
+        assert (out[~expected_args[-3]] == 0).all()
+
+
 @pytest.mark.parametrize("name,proj", CHUNK_OPS)
 @pytest.mark.parametrize("masked", [False, True])
 def test_opcheck_chunk_ops(name, proj, masked):

@@ -21,6 +21,7 @@
 #include <cstring>
 #include <algorithm>
 #include <optional>
+#include <type_traits>
 #include <string>
 
 namespace fastbptt {
@@ -98,6 +99,18 @@ constexpr int64_t kSmallBatch = 2;
 void recurrent_mm(const Tensor& out, const std::optional<Tensor>& base, const Tensor& a, const Tensor& w);
 // dh += d w: d [B, N], w [N, K], dh [B, K]
 void recurrent_mm_acc(const Tensor& dh, const Tensor& d, const Tensor& w);
+
+// ----------------------------------------------------------------------------- fused per-step forward
+//
+// float32 GRU / LSTM (no projection) forward with W_hh packed per thread once per chunk and one
+// parallel region per step (csrc/cpu/packed_step.cpp). use_packed_step is the rule that picks it
+// over the MKL product + row pass (G: gates per unit, 3 or 4).
+bool use_packed_step(int64_t batch, int64_t H, int64_t G);
+// h, c: carried state (h0/c0 copies, contiguous); h is replaced by the final state, c updated in place
+void lstm_forward_packed_f32(const Tensor& gates_in, const Tensor& w_hh, const bool* valid, Tensor& h,
+                             const Tensor& c, const Tensor& out, const std::optional<Tensor>& gates_out);
+void gru_forward_packed_f32(const Tensor& gi, const Tensor& w_hh, const std::optional<Tensor>& b_hh,
+                            const bool* valid, Tensor& h, const Tensor& out, const std::optional<Tensor>& gh_out);
 
 inline const char* dtype_name(at::ScalarType t) { return c10::toString(t); }
 

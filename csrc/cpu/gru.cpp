@@ -112,6 +112,12 @@ Tensor gru_forward_impl(const Tensor& gi, const Tensor& h0, const Tensor& w_hh, 
                         const bool* valid, const Tensor& out, const std::optional<Tensor>& gh_out) {
   const int64_t steps = gi.size(0), batch = gi.size(1), H = h0.size(1);
   Tensor h = h0.clone();
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_packed_step(batch, H, 3)) {
+      gru_forward_packed_f32(gi, w_hh, b_hh, valid, h, out, gh_out);
+      return h;
+    }
+  }
   Tensor gh_buf = gh_out.has_value() ? Tensor() : at::empty({batch, 3 * H}, gi.options());
   const int64_t grain = row_grain(3 * H);
   for (int64_t t = 0; t < steps; ++t) {

@@ -187,6 +187,12 @@ std::tuple<Tensor, Tensor> lstm_forward_impl(const Tensor& gates_in, const Tenso
   const int64_t steps = gates_in.size(0), batch = gates_in.size(1), H = c0.size(1), P = h0.size(1);
   const bool proj = w_hr.has_value();
   Tensor h = h0.clone(), c = c0.clone();
+  if constexpr (std::is_same_v<T, float>) {
+    if (!proj && use_packed_step(batch, H, 4)) {
+      lstm_forward_packed_f32(gates_in, w_hh, valid, h, c, out, gates_out);
+      return {h, c};
+    }
+  }
   Tensor gates_buf = gates_out.has_value() ? Tensor() : at::empty({batch, 4 * H}, gates_in.options());
   // without projection and without padding, m is the new h itself
   Tensor m = at::empty({batch, H}, gates_in.options());

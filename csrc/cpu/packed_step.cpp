@@ -1,0 +1,330 @@
+// Fused per-step forward for float32 GRU and LSTM (no projection) with B > kSmallBatch
+// (csrc/cpu/common.h: use_packed_step, gru_forward_packed_f32, lstm_forward_packed_f32).
+//
+// Once per chunk W_hh is packed into one block per thread: the hidden units are split into one
+// contiguous slice per thread, and the rows of all G gates of a slice's units are stored
+// K-major in 16-column panels ([K][16], zero-padded). A slice's panels (LSTM H=256: 512 KiB)
+// stay in that thread's L2 for the whole chunk. Per step there is a single parallel region
+// (run_slices) with one task per slice: the task forms the gate pre-activations of its units for all B rows
+// with a 6x16 register-blocked FMA micro-kernel (panel-outer, so each 16 KiB panel is read
+// from L1 by every row block), then applies the gate math and writes h, c and out for its
+// units. h is double-buffered because every task reads all of the previous h.
+//
+// Each output column is one sequential sum over K whatever the number of slices, so the
+// results do not depend on the thread count.
+#include "common.h"
+
+#include <cstdlib>
+#include <vector>
+
+namespace fastbptt {
+namespace cpu {
+namespace {
+
+typedef float v8f __attribute__((vector_size(32), aligned(4)));  // unaligned 8-float loads/stores
+
+FASTBPTT_INLINE v8f load8(const float* p) { return *reinterpret_cast<const v8f*>(p); }
+FASTBPTT_INLINE void store8(float* p, v8f v) { *reinterpret_cast<v8f*>(p) = v; }
+
+constexpr int64_t kPanel = 16;  // columns per panel
+constexpr int kRows = 6;        // rows per micro-kernel call: 12 accumulators
+
+// acc[r, 0:16] = sum_k h[r, k] wp[k, 0:16] for NR rows
+template <int NR>
+FASTBPTT_INLINE void micro_kernel(const float* __restrict__ wp, const float* __restrict__ h, int64_t K,
+                                  float* __restrict__ acc, int64_t ld) {
+  v8f c0[NR], c1[NR];
+  for (int r = 0; r < NR; ++r) {
+    c0[r] = v8f{};
+    c1[r] = v8f{};
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const v8f w0 = load8(wp + k * kPanel);
+    const v8f w1 = load8(wp + k * kPanel + 8);
+    for (int r = 0; r < NR; ++r) {
+      const float x = h[r * K + k];
+      c0[r] += x * w0;
+      c1[r] += x * w1;
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    store8(acc + r * ld, c0[r]);
+    store8(acc + r * ld + 8, c1[r]);
+  }
+}
+
+// acc[b, p*16:(p+1)*16] = h[b] . panel p, for all B rows and npan panels; ld = npan * 16
+FASTBPTT_INLINE void packed_mm(const float* __restrict__ pack, int64_t npan, const float* __restrict__ h,
+                               int64_t B, int64_t K, float* __restrict__ acc, int64_t ld) {
+  for (int64_t p = 0; p < npan; ++p) {
+    const float* wp = pack + p * K * kPanel;
+    float* ap = acc + p * kPanel;
+    int64_t b = 0;
+    for (; b + kRows <= B; b += kRows) micro_kernel<kRows>(wp, h + b * K, K, ap + b * ld, ld);
+    switch (B - b) {
+      case 5: micro_kernel<5>(wp, h + b * K, K, ap + b * ld, ld); break;
+      case 4: micro_kernel<4>(wp, h + b * K, K, ap + b * ld, ld); break;
+      case 3: micro_kernel<3>(wp, h + b * K, K, ap + b * ld, ld); break;
+      case 2: micro_kernel<2>(wp, h + b * K, K, ap + b * ld, ld); break;
+      case 1: micro_kernel<1>(wp, h + b * K, K, ap + b * ld, ld); break;
+      default: break;
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------- one task per thread
+//
+// at::parallel_for's OpenMP backend is header-only (#pragma omp parallel in ATen's headers); this
+// extension is compiled without -fopenmp, so there it runs its range on the calling thread.
+// run_slices(n, f) calls f(s) for s in [0, n) on the OpenMP team of libgomp (the runtime libtorch_cpu
+// is linked against, the same pool MKL and torch's own kernels use) through GOMP_parallel, the
+// entry point `#pragma omp parallel` compiles to, with slice s on thread s % team every step.
+#if defined(__GNUC__) && defined(__linux__) && !defined(_OPENMP) && !defined(FASTBPTT_NO_GOMP)
+extern "C" {
+void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags);
+int omp_get_thread_num(void);
+int omp_get_num_threads(void);
+}
+template <typename F>
+struct SliceJob {
+  const F* f;
+  int64_t n;
+  static void run(void* p) {
+    const SliceJob* job = static_cast<const SliceJob*>(p);
+    const int64_t team = omp_get_num_threads();
+    for (int64_t s = omp_get_thread_num(); s < job->n; s += team) (*job->f)(s);
+  }
+};
+template <typename F>
+void run_slices(int64_t n, const F& f) {
+  if (n == 1 || at::in_parallel_region()) {
+    for (int64_t s = 0; s < n; ++s) f(s);
+    return;
+  }
+  SliceJob<F> job{&f, n};
+  GOMP_parallel(&SliceJob<F>::run, &job, 0, 0);
+}
+#else
+template <typename F>
+void run_slices(int64_t n, const F& f) {
+  at::parallel_for(0, n, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) f(s);
+  });
+}
+#endif
+
+// One slice of units [u0, u0 + nu) of a model with G gates of H units, W_hh: [G*H, K].
+struct Slice {
+  int64_t u0, nu, npan;
+  float* pack;  // npan panels of [K][16]
+  float* acc;   // [B][npan * 16]
+};
+
+void pack_slice(const Slice& s, const float* w, int64_t G, int64_t H, int64_t K) {
+  const int64_t ncols = G * s.nu;
+  for (int64_t p = 0; p < s.npan; ++p) {
+    float* dst = s.pack + p * K * kPanel;
+    for (int64_t q = 0; q < kPanel; ++q) {
+      const int64_t col = p * kPanel + q;
+      if (col >= ncols) {
+        for (int64_t k = 0; k < K; ++k) dst[k * kPanel + q] = 0.0f;
+        continue;
+      }
+      const float* row = w + ((col / s.nu) * H + s.u0 + col % s.nu) * K;
+      for (int64_t k = 0; k < K; ++k) dst[k * kPanel + q] = row[k];
+    }
+  }
+}
+
+// Splits H units into one slice per thread and packs W_hh (in parallel: each thread packs the
+// slice it will use, so the panels start out in its cache).
+struct Packed {
+  Tensor storage;
+  std::vector<Slice> slices;
+  Packed(const float* w, int64_t G, int64_t H, int64_t K, int64_t B) {
+    const int64_t n = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), H));
+    int64_t total = 0;
+    std::vector<int64_t> offs;
+    for (int64_t s = 0; s < n; ++s) {
+      const int64_t u0 = H * s / n, u1 = H * (s + 1) / n;
+      const int64_t npan = (G * (u1 - u0) + kPanel - 1) / kPanel;
+      slices.push_back({u0, u1 - u0, npan, nullptr, nullptr});
+      offs.push_back(total);
+      total += npan * kPanel * K + B * npan * kPanel + 64;  // pack + acc, 256-byte gap
+    }
+    storage = at::empty({total}, at::TensorOptions().dtype(at::kFloat));
+    float* base = storage.data_ptr<float>();
+    for (int64_t s = 0; s < n; ++s) {
+      slices[s].pack = base + offs[s];
+      slices[s].acc = slices[s].pack + slices[s].npan * kPanel * K;
+    }
+    run_slices(n, [&](int64_t s) { pack_slice(slices[s], w, G, H, K); });
+  }
+  int64_t count() const { return static_cast<int64_t>(slices.size()); }
+};
+
+// ----------------------------------------------------------------------------- slice steps
+//
+// Gate math of one row over a slice's nu units (restrict parameters so that GCC vectorizes).
+// g: the row's gi at unit u0 (gates H apart); a: the row's products (gates nu apart)
+
+FASTBPTT_INLINE void lstm_units(const float* __restrict__ g, const float* __restrict__ a, float* __restrict__ cb,
+                                float* __restrict__ hb, float* __restrict__ ob, int64_t H, int64_t nu) {
+  for (int64_t j = 0; j < nu; ++j) {
+    const float i_ = sigmoid_act(g[j] + a[j]);
+    const float f_ = sigmoid_act(g[H + j] + a[nu + j]);
+    const float g_ = tanh_act(g[2 * H + j] + a[2 * nu + j]);
+    const float o_ = sigmoid_act(g[3 * H + j] + a[3 * nu + j]);
+    const float cn = f_ * cb[j] + i_ * g_;
+    cb[j] = cn;
+    const float m = o_ * tanh_act(cn);
+    hb[j] = m;
+    ob[j] = m;
+  }
+}
+
+FASTBPTT_INLINE void gru_units(const float* __restrict__ g, const float* __restrict__ a,
+                               const float* __restrict__ hpb, float* __restrict__ hb, float* __restrict__ ob,
+                               int64_t H, int64_t nu) {
+  for (int64_t j = 0; j < nu; ++j) {
+    const float r = sigmoid_act(g[j] + a[j]);
+    const float z = sigmoid_act(g[H + j] + a[nu + j]);
+    const float n = tanh_act(g[2 * H + j] + r * a[2 * nu + j]);
+    const float v = (1.0f - z) * n + z * hpb[j];
+    hb[j] = v;
+    ob[j] = v;
+  }
+}
+
+// dst[q * ld_dst + j] = x[q * ld_x + j] (+ y[q * ld_y + j]) for q < G, j < nu
+FASTBPTT_INLINE void add_gates(float* __restrict__ dst, int64_t ld_dst, const float* __restrict__ x, int64_t ld_x,
+                               const float* __restrict__ y, int64_t ld_y, int64_t G, int64_t nu) {
+  for (int64_t q = 0; q < G; ++q)
+    for (int64_t j = 0; j < nu; ++j) dst[q * ld_dst + j] = x[q * ld_x + j] + y[q * ld_y + j];
+}
+
+// a[q * nu + j] += bias[q * H + j]; dst[q * ld_dst + j] = x[q * ld_x + j]
+FASTBPTT_INLINE void add_bias(float* __restrict__ a, const float* __restrict__ bias, int64_t H, int64_t G,
+                              int64_t nu) {
+  for (int64_t q = 0; q < G; ++q)
+    for (int64_t j = 0; j < nu; ++j) a[q * nu + j] += bias[q * H + j];
+}
+FASTBPTT_INLINE void copy_gates(float* __restrict__ dst, int64_t ld_dst, const float* __restrict__ x, int64_t ld_x,
+                                int64_t G, int64_t nu) {
+  for (int64_t q = 0; q < G; ++q)
+    for (int64_t j = 0; j < nu; ++j) dst[q * ld_dst + j] = x[q * ld_x + j];
+}
+
+FASTBPTT_INLINE void keep_rows(const float* __restrict__ hp, float* __restrict__ hn, float* __restrict__ out,
+                               int64_t nu) {
+  for (int64_t j = 0; j < nu; ++j) {
+    hn[j] = hp[j];
+    out[j] = 0.0f;
+  }
+}
+
+// LSTM, one step, one slice. gi: [B, 4H] this step's input pre-activations; hp/hn: [B, H]
+// previous/next h; c: [B, H] in place; out: [B, H]; gout: [B, 4H] or null
+FASTBPTT_CLONES void lstm_slice_step(const Slice& s, const float* gi, const float* hp, float* hn, float* c,
+                                     float* out, float* gout, const bool* valid, int64_t B, int64_t H) {
+  const int64_t ld = s.npan * kPanel, nu = s.nu, u0 = s.u0;
+  packed_mm(s.pack, s.npan, hp, B, H, s.acc, ld);
+  for (int64_t b = 0; b < B; ++b) {
+    const float* g = gi + b * 4 * H + u0;
+    const float* a = s.acc + b * ld;
+    if (gout != nullptr) add_gates(gout + b * 4 * H + u0, H, g, H, a, nu, 4, nu);
+    const int64_t o = b * H + u0;
+    if (valid != nullptr && !valid[b]) {
+      keep_rows(hp + o, hn + o, out + o, nu);
+      continue;
+    }
+    lstm_units(g, a, c + o, hn + o, out + o, H, nu);
+  }
+}
+
+// GRU, one step, one slice. gi: [B, 3H]; bh: [3H] or null; hp/hn: [B, H]; out: [B, H];
+// ghout: [B, 3H] or null
+FASTBPTT_CLONES void gru_slice_step(const Slice& s, const float* gi, const float* bh, const float* hp, float* hn,
+                                    float* out, float* ghout, const bool* valid, int64_t B, int64_t H) {
+  const int64_t ld = s.npan * kPanel, nu = s.nu, u0 = s.u0;
+  packed_mm(s.pack, s.npan, hp, B, H, s.acc, ld);
+  for (int64_t b = 0; b < B; ++b) {
+    float* a = s.acc + b * ld;
+    if (bh != nullptr) add_bias(a, bh + u0, H, 3, nu);
+    if (ghout != nullptr) copy_gates(ghout + b * 3 * H + u0, H, a, nu, 3, nu);
+    const int64_t o = b * H + u0;
+    if (valid != nullptr && !valid[b]) {
+      keep_rows(hp + o, hn + o, out + o, nu);
+      continue;
+    }
+    gru_units(gi + b * 3 * H + u0, a, hp + o, hn + o, out + o, H, nu);
+  }
+}
+
+// FASTBPTT_CPU_STEP=packed / mkl forces a path (tests, benchmarks); anything else: the rule.
+int forced_path() {
+  const char* e = std::getenv("FASTBPTT_CPU_STEP");
+  if (e == nullptr) return 0;
+  if (std::strcmp(e, "packed") == 0) return 1;
+  if (std::strcmp(e, "mkl") == 0) return -1;
+  return 0;
+}
+
+}  // namespace
+
+// The rule (AMD EPYC, 2 threads, docs/cpu.md): the packed path was faster than MKL + row pass at
+// every float32 shape measured with more than kSmallBatch rows (B 4-256, H 64-1024, GRU and LSTM:
+// 1.2x at B=256 H=256 up to 4.8x at B=4), so it takes every such batch; B <= 2 keeps the
+// matrix-vector kernels of small_mm.cpp.
+bool use_packed_step(int64_t batch, int64_t H, int64_t G) {
+  if (batch <= kSmallBatch || H < 1 || G < 1) return false;
+  const int f = forced_path();
+  return f >= 0;
+}
+
+void lstm_forward_packed_f32(const Tensor& gates_in, const Tensor& w_hh, const bool* valid, Tensor& h,
+                             const Tensor& c, const Tensor& out, const std::optional<Tensor>& gates_out) {
+  const int64_t steps = gates_in.size(0), B = gates_in.size(1), H = c.size(1);
+  Packed pk(w_hh.data_ptr<float>(), 4, H, H, B);
+  Tensor h2 = at::empty_like(h);
+  float* hp = h.data_ptr<float>();
+  float* hn = h2.data_ptr<float>();
+  float* p_c = c.data_ptr<float>();
+  const float* p_gi = gates_in.data_ptr<float>();
+  float* p_out = out.data_ptr<float>();
+  float* p_go = gates_out.has_value() ? gates_out->data_ptr<float>() : nullptr;
+  for (int64_t t = 0; t < steps; ++t) {
+    const bool* v = valid_row(valid, t, B);
+    const float* gi = p_gi + t * B * 4 * H;
+    float* ot = p_out + t * B * H;
+    float* go = p_go != nullptr ? p_go + t * B * 4 * H : nullptr;
+    run_slices(pk.count(), [&](int64_t s) { lstm_slice_step(pk.slices[s], gi, hp, hn, p_c, ot, go, v, B, H); });
+    std::swap(hp, hn);
+  }
+  if (hp != h.data_ptr<float>()) h = h2;
+}
+
+void gru_forward_packed_f32(const Tensor& gi, const Tensor& w_hh, const std::optional<Tensor>& b_hh,
+                            const bool* valid, Tensor& h, const Tensor& out, const std::optional<Tensor>& gh_out) {
+  const int64_t steps = gi.size(0), B = gi.size(1), H = h.size(1);
+  Packed pk(w_hh.data_ptr<float>(), 3, H, H, B);
+  Tensor h2 = at::empty_like(h);
+  float* hp = h.data_ptr<float>();
+  float* hn = h2.data_ptr<float>();
+  const float* p_gi = gi.data_ptr<float>();
+  const float* p_bh = b_hh.has_value() ? b_hh->data_ptr<float>() : nullptr;
+  float* p_out = out.data_ptr<float>();
+  float* p_gh = gh_out.has_value() ? gh_out->data_ptr<float>() : nullptr;
+  for (int64_t t = 0; t < steps; ++t) {
+    const bool* v = valid_row(valid, t, B);
+    const float* g = p_gi + t * B * 3 * H;
+    float* ot = p_out + t * B * H;
+    float* gh = p_gh != nullptr ? p_gh + t * B * 3 * H : nullptr;
+    run_slices(pk.count(), [&](int64_t s) { gru_slice_step(pk.slices[s], g, p_bh, hp, hn, ot, gh, v, B, H); });
+    std::swap(hp, hn);
+  }
+  if (hp != h.data_ptr<float>()) h = h2;
+}
+
+}  // namespace cpu
+}  // namespace fastbptt
