@@ -40,16 +40,18 @@ def ext_modules_and_cmdclass():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -fno-math-errno/-fno-trapping-math (torch's own flags) let the fused row loops in
     # csrc/cpu vectorize; no -march: AVX2 clones are picked at load time (csrc/cpu/common.h)
-    cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+    # -fopenmp: at::parallel_for is a header-only `#pragma omp parallel`, so without it every
+    # parallel_for in the extension runs on the calling thread.
+    cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
     extra = {"cxx": cxx_flags}
     if build_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("FASTBPTT_CUDA_ARCH", CUDA_ARCH_DEFAULT))
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]
         cxx_flags.append("-DFASTBPTT_WITH_CUDA")
-        ext = CUDAExtension("fastbptt._C", sources, extra_compile_args=extra)
+        ext = CUDAExtension("fastbptt._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"])
     else:
-        ext = CppExtension("fastbptt._C", sources, extra_compile_args=extra)
+        ext = CppExtension("fastbptt._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

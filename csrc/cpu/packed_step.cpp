@@ -74,44 +74,15 @@ FASTBPTT_INLINE void packed_mm(const float* __restrict__ pack, int64_t npan, con
 
 // ----------------------------------------------------------------------------- one task per thread
 //
-// at::parallel_for's OpenMP backend is header-only (#pragma omp parallel in ATen's headers); this
-// extension is compiled without -fopenmp, so there it runs its range on the calling thread.
-// run_slices(n, f) calls f(s) for s in [0, n) on the OpenMP team of libgomp (the runtime libtorch_cpu
-// is linked against, the same pool MKL and torch's own kernels use) through GOMP_parallel, the
-// entry point `#pragma omp parallel` compiles to, with slice s on thread s % team every step.
-#if defined(__GNUC__) && defined(__linux__) && !defined(_OPENMP) && !defined(FASTBPTT_NO_GOMP)
-extern "C" {
-void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags);
-int omp_get_thread_num(void);
-int omp_get_num_threads(void);
-}
-template <typename F>
-struct SliceJob {
-  const F* f;
-  int64_t n;
-  static void run(void* p) {
-    const SliceJob* job = static_cast<const SliceJob*>(p);
-    const int64_t team = omp_get_num_threads();
-    for (int64_t s = omp_get_thread_num(); s < job->n; s += team) (*job->f)(s);
-  }
-};
-template <typename F>
-void run_slices(int64_t n, const F& f) {
-  if (n == 1 || at::in_parallel_region()) {
-    for (int64_t s = 0; s < n; ++s) f(s);
-    return;
-  }
-  SliceJob<F> job{&f, n};
-  GOMP_parallel(&SliceJob<F>::run, &job, 0, 0);
-}
-#else
+// run_slices(n, f) calls f(s) for s in [0, n) with one slice per thread. at::parallel_for's OpenMP
+// backend splits the range by thread id, so slice s stays on the same thread (and its panels in that
+// core's L2) from step to step.
 template <typename F>
 void run_slices(int64_t n, const F& f) {
   at::parallel_for(0, n, 1, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) f(s);
   });
 }
-#endif
 
 // One slice of units [u0, u0 + nu) of a model with G gates of H units, W_hh: [G*H, K].
 struct Slice {
