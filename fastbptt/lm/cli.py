@@ -400,15 +400,9 @@ def _sweep(args) -> int:
 def _machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"GPU {torch.cuda.get_device_name(device)}"
-    import platform
+    from ..bench.environment import cpu_model
 
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU {name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)"
+    return f"CPU {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)"
 
 
 def _write_sweep(rows: list[dict], out: Path, meta: str) -> None:
