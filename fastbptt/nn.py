@@ -216,6 +216,10 @@ class LSTM(_FusedRNNMixin, nn.RNNBase):
 
 _FUSED_OF = {nn.RNN: RNN, nn.GRU: GRU, nn.LSTM: LSTM}
 
+# cell name (fastbptt/cells.py) -> module class, fastbptt's and torch.nn's
+MODULE_OF_CELL = {"rnn_tanh": RNN, "rnn_relu": RNN, "gru": GRU, "lstm": LSTM}
+TORCH_MODULE_OF_CELL = {"rnn_tanh": nn.RNN, "rnn_relu": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
+
 
 def convert(model: nn.Module, *, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str = "auto",
             recompute: bool = True) -> nn.Module:

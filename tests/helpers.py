@@ -12,10 +12,8 @@ from typing import Optional
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
-import fastbptt
-
-TORCH_CLASS = {"rnn_tanh": torch.nn.RNN, "rnn_relu": torch.nn.RNN, "gru": torch.nn.GRU, "lstm": torch.nn.LSTM}
-FAST_CLASS = {"rnn_tanh": fastbptt.RNN, "rnn_relu": fastbptt.RNN, "gru": fastbptt.GRU, "lstm": fastbptt.LSTM}
+from fastbptt.nn import MODULE_OF_CELL as FAST_CLASS
+from fastbptt.nn import TORCH_MODULE_OF_CELL as TORCH_CLASS
 
 # dtype -> (atol, rtol) for fastbptt vs torch.nn on the same dtype (float32/float64)
 TOLERANCES = {

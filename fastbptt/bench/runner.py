@@ -7,22 +7,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import time
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
-import fastbptt
-
 from .. import cells, dispatch
+from ..nn import MODULE_OF_CELL, TORCH_MODULE_OF_CELL
 from . import timing
 from .config import Candidate, Case, Plan
 from .memory import peak_cuda_bytes, saved_activation_bytes
 
 DTYPE = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
-TORCH_CLASS = {"rnn_tanh": nn.RNN, "rnn_relu": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
-FAST_CLASS = {"rnn_tanh": fastbptt.RNN, "rnn_relu": fastbptt.RNN, "gru": fastbptt.GRU, "lstm": fastbptt.LSTM}
 BASELINE = "torch.nn"
 
 
@@ -65,7 +63,7 @@ def build_inputs(case: Case, seed: int = 0) -> tuple[nn.Module, Tensor, Tensor]:
     device, dtype = torch.device(case.device), DTYPE[case.dtype]
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    module = TORCH_CLASS[case.cell](case.input_size, case.hidden, **_module_kwargs(case)).to(device, dtype)
+    module = TORCH_MODULE_OF_CELL[case.cell](case.input_size, case.hidden, **_module_kwargs(case)).to(device, dtype)
     x = torch.randn(case.steps, case.batch, case.input_size, generator=gen).to(device, dtype)
     x.requires_grad_(case.mode == "train")
     grad_out = torch.randn(case.steps, case.batch, case.directions * case.hidden, generator=gen).to(device, dtype)
@@ -80,12 +78,8 @@ def _first_output(module: nn.Module) -> Callable[[Tensor], Tensor]:
 # Python; the input projection of all steps is one eager GEMM per layer and direction, as any
 # sensible loop would do. Compiling the whole unrolled loop instead would cost minutes at T=1024.
 
-def _rnn_tanh_step(gi: Tensor, h: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
-    return torch.tanh(torch.addmm(b_hh, h, w_hh.t()) + gi)
-
-
-def _rnn_relu_step(gi: Tensor, h: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
-    return torch.relu(torch.addmm(b_hh, h, w_hh.t()) + gi)
+def _rnn_step(gi: Tensor, h: Tensor, w_hh: Tensor, b_hh: Tensor, relu: bool) -> Tensor:
+    return cells.rnn_step(torch.addmm(b_hh, h, w_hh.t()) + gi, relu)
 
 
 def _gru_step(gi: Tensor, h: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
@@ -96,7 +90,8 @@ def _lstm_step(gi: Tensor, h: Tensor, c: Tensor, w_hh: Tensor, b_hh: Tensor) -> 
     return cells.lstm_step(torch.addmm(b_hh, h, w_hh.t()) + gi, c)
 
 
-STEPS = {"rnn_tanh": _rnn_tanh_step, "rnn_relu": _rnn_relu_step, "gru": _gru_step, "lstm": _lstm_step}
+STEPS = {"rnn_tanh": functools.partial(_rnn_step, relu=False), "rnn_relu": functools.partial(_rnn_step, relu=True),
+         "gru": _gru_step, "lstm": _lstm_step}
 
 
 def compiled_cell_loop(module: nn.RNNBase, cell: str) -> Callable[[Tensor], Tensor]:
@@ -158,7 +153,7 @@ def build_bench(case: Case, cand: Candidate, module: nn.Module, x: Tensor, grad_
         notes["resolved_backend"] = dispatch.resolve(name, case.cell, x, case.hidden, 0)
     except dispatch.BackendUnavailable as exc:
         raise Unavailable(str(exc)) from None
-    m = FAST_CLASS[case.cell](case.input_size, case.hidden, **_module_kwargs(case), chunk_size=cand.chunk_size,
+    m = MODULE_OF_CELL[case.cell](case.input_size, case.hidden, **_module_kwargs(case), chunk_size=cand.chunk_size,
                               recompute=cand.recompute, backend=name).to(x.device, x.dtype)
     m.load_state_dict(module.state_dict())
     return Bench(_first_output(m), list(m.parameters()), x, grad_out, train), notes
