@@ -221,6 +221,11 @@ MODULE_OF_CELL = {"rnn_tanh": RNN, "rnn_relu": RNN, "gru": GRU, "lstm": LSTM}
 TORCH_MODULE_OF_CELL = {"rnn_tanh": nn.RNN, "rnn_relu": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 
 
+def cell_kwargs(cell: str) -> dict:
+    """Constructor keywords that make ``MODULE_OF_CELL[cell]`` run ``cell`` (the RNN's nonlinearity)."""
+    return {"nonlinearity": cell[len("rnn_"):]} if cell.startswith("rnn_") else {}
+
+
 def convert(model: nn.Module, *, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str = "auto",
             recompute: bool = True) -> nn.Module:
     """Replaces every ``torch.nn`` RNN/GRU/LSTM inside ``model`` by its fastbptt twin, in place.

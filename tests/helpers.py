@@ -13,6 +13,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from fastbptt.nn import MODULE_OF_CELL as FAST_CLASS
+from fastbptt.nn import cell_kwargs
 from fastbptt.nn import TORCH_MODULE_OF_CELL as TORCH_CLASS
 
 # dtype -> (atol, rtol) for fastbptt vs torch.nn on the same dtype (float32/float64)
@@ -45,9 +46,7 @@ class Case:
 
     def module_kwargs(self) -> dict:
         kw = dict(num_layers=self.num_layers, bidirectional=self.bidirectional, batch_first=self.batch_first,
-                  bias=self.bias)
-        if self.cell.startswith("rnn"):
-            kw["nonlinearity"] = self.cell[4:]
+                  bias=self.bias, **cell_kwargs(self.cell))
         if self.proj_size:
             kw["proj_size"] = self.proj_size
         return kw

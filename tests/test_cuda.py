@@ -16,6 +16,7 @@ import torch
 import fastbptt
 from conftest import requires_cuda
 from fastbptt import dispatch
+from fastbptt.nn import MODULE_OF_CELL, cell_kwargs
 from helpers import (TOLERANCES, Case, assert_compile_matches_eager, assert_lowp_parity, assert_parity,
                      assert_results_close, make_inputs, make_pair, run)
 
@@ -128,9 +129,7 @@ def test_torch_compile_fullgraph_matches_eager(cell):
 def test_cuda_graph_capture_of_a_training_step(cell, cuda_path):
     """Forward + backward captured once and replayed on new data gives the eager gradients."""
     torch.manual_seed(0)
-    cls = {"gru": fastbptt.GRU, "lstm": fastbptt.LSTM, "rnn_relu": fastbptt.RNN}[cell]
-    kw = {"nonlinearity": "relu"} if cell == "rnn_relu" else {}
-    model = cls(8, 32, num_layers=2, chunk_size=5, backend="cuda", **kw).cuda()
+    model = MODULE_OF_CELL[cell](8, 32, num_layers=2, chunk_size=5, backend="cuda", **cell_kwargs(cell)).cuda()
     static_x = torch.randn(12, 4, 8, device="cuda")
 
     def step():

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import cells, dispatch
-from ..nn import MODULE_OF_CELL, TORCH_MODULE_OF_CELL
+from ..nn import MODULE_OF_CELL, TORCH_MODULE_OF_CELL, cell_kwargs
 from . import timing
 from .config import Candidate, Case, Plan
 from .memory import peak_cuda_bytes, saved_activation_bytes
@@ -52,10 +52,7 @@ class Bench:
 
 
 def _module_kwargs(case: Case) -> dict:
-    kw = dict(num_layers=case.layers, bidirectional=case.bidirectional)
-    if case.cell.startswith("rnn"):
-        kw["nonlinearity"] = case.cell[4:]
-    return kw
+    return dict(num_layers=case.layers, bidirectional=case.bidirectional, **cell_kwargs(case.cell))
 
 
 def build_inputs(case: Case, seed: int = 0) -> tuple[nn.Module, Tensor, Tensor]:
