@@ -18,16 +18,20 @@ def triton_version() -> str:
 
 
 def report() -> str:
+    from .bench.environment import cpu_capability, cpu_model, gpu_info  # that module imports this one
+
     lines = [
         f"fastbptt {__version__}",
         f"python   {platform.python_version()} ({platform.machine()})",
         f"torch    {torch.__version__} (CUDA {torch.version.cuda or 'none'}, "
         f"{torch.get_num_threads()} CPU threads)",
         f"triton   {triton_version()}",
+        f"CPU      {cpu_model()} (ATen CPU capability {cpu_capability()})",
     ]
     if torch.cuda.is_available():
-        lines.append(f"GPU      {torch.cuda.get_device_name()} (driver CUDA "
-                     f"{torch.version.cuda}, {torch.cuda.device_count()} device(s))")
+        gpu = gpu_info()
+        lines.append(f"GPU      {gpu['gpu']} (compute capability {gpu['gpu_capability']}, {gpu['gpu_sm_count']} SMs, "
+                     f"driver {gpu['gpu_driver']}, cuDNN {gpu['cudnn']}; {torch.cuda.device_count()} device(s))")
     else:
         lines.append("GPU      none visible")
     lines.append("")

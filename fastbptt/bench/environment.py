@@ -27,6 +27,13 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def cpu_capability() -> str:
+    """The vector ISA ATen's CPU kernels were dispatched to ("AVX512", "AVX2", "DEFAULT", ...).
+    CPU figures differ about 2x between AVX2 and AVX-512 machines of one vendor, and the CPU model
+    string alone ("AMD EPYC") often does not tell them apart."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def _run(cmd: list[str], cwd: Path | None = None) -> str:
     try:
         return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
@@ -62,12 +69,12 @@ def slug(text: str) -> str:
 
 
 def machine_name(device: str) -> str:
-    """A short file-name-safe name of the machine that the figures depend on: the CPU model and
-    thread count on CPU, the GPU model on GPU."""
+    """A short file-name-safe name of the machine that the figures depend on: the CPU model, its
+    ISA and the thread count on CPU, the GPU model on GPU."""
     if device == "cuda" and torch.cuda.is_available():
         return slug(torch.cuda.get_device_name())
     model = re.sub(r"\((R|TM)\)|CPU|Processor|@.*$|\d+-Core", "", cpu_model())
-    return f"{slug(model)}-{torch.get_num_threads()}t"
+    return f"{slug(model)}-{slug(cpu_capability())}-{torch.get_num_threads()}t"
 
 
 def environment(device: str) -> dict:
@@ -76,6 +83,7 @@ def environment(device: str) -> dict:
         "device": device,
         "machine": machine_name(device),
         "cpu_model": cpu_model(),
+        "cpu_capability": cpu_capability(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
@@ -92,12 +100,19 @@ def environment(device: str) -> dict:
     return env
 
 
+def where(env: dict) -> str:
+    """The machine a run was measured on, in words: the GPU, else the CPU with its ISA."""
+    if env.get("gpu"):
+        return env["gpu"]
+    isa = f" ({env['cpu_capability']})" if env.get("cpu_capability") else ""  # absent in older results
+    return f"{env.get('cpu_model')}{isa}, {env.get('threads')} threads"
+
+
 def describe(env: dict) -> str:
     """One line naming the machine and versions, for the top of a table."""
+    where_ = where(env)
     if env.get("gpu"):
-        where = f"{env['gpu']} (driver {env.get('gpu_driver')}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')})"
-    else:
-        where = f"{env.get('cpu_model')}, {env.get('threads')} threads"
+        where_ += f" (driver {env.get('gpu_driver')}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')})"
     commit = (env.get("commit") or "unknown")[:10] + ("+dirty" if env.get("dirty") else "")
-    return (f"{where}; torch {env.get('torch')}, Triton {env.get('triton')}, fastbptt {env.get('fastbptt')} "
+    return (f"{where_}; torch {env.get('torch')}, Triton {env.get('triton')}, fastbptt {env.get('fastbptt')} "
             f"@ {commit}; {env.get('timestamp')}")

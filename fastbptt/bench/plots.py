@@ -7,6 +7,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
+from .environment import where
+
 X_FIELDS = {"batch": "batch size B", "steps": "sequence length T", "hidden": "hidden size H",
             "input_size": "input size I", "layers": "layers"}
 METRICS = ("speedup", "time_per_step", "memory")
@@ -121,10 +123,9 @@ def plot(records: list[dict], metric: str, x: str, path: Path, title: str = "") 
 def plot_all(doc: dict, stem: Path, kinds) -> list[Path]:
     written = []
     env = doc["environment"]
-    where = env.get("gpu") or f"{env.get('cpu_model')}, {env.get('threads')} threads"
     for metric, x in kinds:
         p = plot(doc["records"], metric, x, stem.with_name(f"{stem.name}-{metric}-vs-{x}.png"),
-                 title=f"fastbptt bench '{doc['preset']}' on {where}")
+                 title=f"fastbptt bench '{doc['preset']}' on {where(env)}")
         if p is not None:
             written.append(p)
     return written

@@ -400,9 +400,10 @@ def _sweep(args) -> int:
 def _machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"GPU {torch.cuda.get_device_name(device)}"
-    from ..bench.environment import cpu_model
+    from ..bench.environment import cpu_capability, cpu_model
 
-    return f"CPU {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)"
+    return (f"CPU {cpu_model()} ({cpu_capability()}), {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} torch thread(s)")
 
 
 def _write_sweep(rows: list[dict], out: Path, meta: str) -> None:
