@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import pytest
 import torch
@@ -129,8 +130,41 @@ def test_presets_expand():
     assert all({x.label for x in cands} >= {"torch.nn", "torch.compile", "fastbptt[cpu,C=32,recompute]",
                                             "fastbptt[cpu,C=32,keep-gates]"} for _, cands in kernels)
     gpu = config.preset("gpu-kernels").items()
-    assert {c.steps for c, _ in gpu} == {1024, 4096}
-    assert all(not c.timed for c, _ in gpu if c.steps == 4096)
+    timed = {(c.cell, c.mode, c.dtype, c.batch, c.hidden, c.steps) for c, _ in gpu if c.timed}
+    assert timed == {(cell, mode, dtype, b, h, t) for cell in ("gru", "lstm") for mode in ("train", "infer")
+                     for dtype in ("float32", "bfloat16") for b, h, t in ((16, 768, 1024), (64, 512, 512),
+                                                                           (256, 1024, 256))}
+    memory_only = [(c, cands) for c, cands in gpu if not c.timed]
+    assert {(c.cell, c.mode, c.steps) for c, _ in memory_only} == {("gru", "train", 4096), ("lstm", "train", 4096)}
+    for case, cands in gpu:
+        labels = {x.label for x in cands}
+        assert {"torch.nn", "fastbptt[cuda,C=64,recompute]", "fastbptt[triton,C=64,recompute]"} <= labels
+        # the compiled loop in timed training; both memory policies wherever a backward runs
+        assert ("torch.compile" in labels) == (case.timed and case.mode == "train")
+        assert ("fastbptt[cuda,C=64,keep-gates]" in labels) == (case.mode == "train")
+
+
+def test_time_budget_skips_the_cases_left_and_says_so(monkeypatch):
+    plan = config.Plan("budget", [config.Grid(cells=("gru",), modes=("train",), batch=(1, 2, 3), hidden=(4,),
+                                              steps=(3,), backends=("reference",), chunk_sizes=(2,),
+                                              recompute=(True,), baselines=("torch.nn",))], "cpu", warmup=0, reps=1)
+
+    def slow_case(case, cands, *args):  # each case takes half a second
+        time.sleep(0.5)
+        return [{**runner.new_record(case, c), "status": "ok"} for c in cands]
+
+    monkeypatch.setattr(runner, "run_case", slow_case)
+    lines = []
+    records = runner.run_plan(plan, progress=lines.append, budget_s=0.75)
+    assert [r["status"] for r in records] == ["ok"] * 4 + ["skipped"] * 2  # (torch.nn, reference) x 3 cases
+    assert all(r["case"]["batch"] == 3 and "time budget of 0.75 s" in r["error"] for r in records[4:])
+    assert lines[-1] == "time budget of 0.75 s spent: 2 record(s) skipped"
+    assert [r["status"] for r in runner.run_plan(plan, budget_s=10)] == ["ok"] * 6
+
+
+def test_cli_rejects_a_budget_that_is_not_positive(tmp_path, capsys):
+    assert cli.main(_bench_args(tmp_path, "--budget", "0")) == 2
+    assert "--budget must be a positive number of seconds, got 0.0" in capsys.readouterr().out
 
 
 def _bench_args(tmp_path, *extra) -> argparse.Namespace:
@@ -146,8 +180,10 @@ def test_cli_writes_json_markdown_plots_and_compares(tmp_path, capsys):
     assert cli.main(_bench_args(tmp_path)) == 0
     doc = report.load_json(tmp_path / "run.json")
     env = doc["environment"]
-    for key in ("cpu_model", "threads", "torch", "cuda", "triton", "commit", "machine", "backends"):
+    for key in ("cpu_model", "cpu_capability", "threads", "torch", "cuda", "triton", "commit", "machine", "backends"):
         assert key in env
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["machine"].endswith(f"-{env['cpu_capability'].lower()}-{env['threads']}t")
     assert len(doc["records"]) == 4 * 3  # (B, T) x (torch.nn, two policies)
     md = (tmp_path / "run.md").read_text()
     for rec in doc["records"]:

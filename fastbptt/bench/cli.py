@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import config, plots, report
-from .environment import environment, machine_name
+from .environment import environment, machine_name, where
 
 GRID_OPTIONS = ("cells", "modes", "dtypes", "batch", "hidden", "input_size", "steps", "layers", "bidirectional",
                 "chunk_sizes", "recompute", "backends", "baselines")
@@ -54,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--warmup", type=int, help="untimed calls per candidate before the rounds")
     t.add_argument("--reps", type=int, help="timed interleaved rounds")
     t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    t.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="start no new case after this many seconds; the rest are recorded as skipped")
     t.add_argument("--out", type=Path, help="output folder (default: the preset's)")
     t.add_argument("--name", help="file name stem (default: PRESET-MACHINE)")
     t.add_argument("--no-plots", action="store_true")
@@ -108,6 +110,9 @@ def main(args: argparse.Namespace) -> int:
         text = report.compare(report.load_json(args.compare[0]), report.load_json(args.compare[1]))
         _print(text)
         return 0
+    if args.budget is not None and not args.budget > 0:
+        _print(f"--budget must be a positive number of seconds, got {args.budget}")
+        return 2
     old = report.load_json(args.compare[0]) if args.compare else None
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,11 +128,11 @@ def main(args: argparse.Namespace) -> int:
         return 2
 
     env = environment(plan.device)
-    _print(f"fastbptt bench '{plan.name}': {len(items)} cases on {plan.device} "
-           f"({env['gpu'] if env.get('gpu') else env['cpu_model'] + ', ' + str(env['threads']) + ' threads'})")
+    _print(f"fastbptt bench '{plan.name}': {len(items)} cases on {plan.device} ({where(env)})")
     from .runner import run_plan
     t0 = time.perf_counter()
-    records = run_plan(plan, progress=lambda line: print("  " + line, file=sys.stderr, flush=True))
+    records = run_plan(plan, progress=lambda line: print("  " + line, file=sys.stderr, flush=True),
+                       budget_s=args.budget)
     wall = time.perf_counter() - t0
     doc = report.document(plan, env, records)
     doc["wall_s"] = round(wall, 1)
@@ -147,7 +152,8 @@ def main(args: argparse.Namespace) -> int:
         written.append(compare_path)
         _print(text)
     _print(f"wall time {wall:.1f} s; wrote " + ", ".join(str(p) for p in written))
-    failed = sum(r["status"] == "failed" for r in records)
-    if failed:
-        _print(f"{failed} record(s) failed; see the notes above and the JSON")
+    for status in ("failed", "skipped"):
+        count = sum(r["status"] == status for r in records)
+        if count:
+            _print(f"{count} record(s) {status}; see the notes above and the JSON")
     return 0

@@ -342,14 +342,28 @@ def apply_ratios(records: list[dict]) -> None:
 
 # ----------------------------------------------------------------------------- a whole plan
 
-def run_plan(plan: Plan, progress: Optional[Callable[[str], None]] = None) -> list[dict]:
+def run_plan(plan: Plan, progress: Optional[Callable[[str], None]] = None,
+             budget_s: Optional[float] = None) -> list[dict]:
+    """Records of every case of ``plan``, in order. With ``budget_s``, a case is started only while
+    that many seconds have not passed since the start; the cases left get ``status: "skipped"``
+    records saying so (a run that must end in time still writes everything it measured)."""
     items = plan.items()
     records: list[dict] = []
+    start = time.perf_counter()
     for i, (case, cands) in enumerate(items, 1):
+        spent = time.perf_counter() - start
+        if budget_s is not None and spent >= budget_s:
+            for cand in cands:
+                records.append({**new_record(case, cand), "status": "skipped",
+                                "error": f"not run: the time budget of {budget_s:g} s was spent"})
+            continue
         t0 = time.perf_counter()
         recs = run_case(case, cands, plan.warmup, plan.reps, plan.time_baseline)
         records.extend(recs)
         if progress:
             ok = sum(r["status"] == "ok" for r in recs)
             progress(f"[{i}/{len(items)}] {case.key()}: {ok}/{len(recs)} ok ({time.perf_counter() - t0:.1f} s)")
+    skipped = sum(r["status"] == "skipped" for r in records)
+    if progress and skipped:
+        progress(f"time budget of {budget_s:g} s spent: {skipped} record(s) skipped")
     return records
