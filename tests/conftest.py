@@ -33,6 +33,20 @@ def cpu_backends() -> list[str]:
     return names
 
 
+def parity_targets() -> list:
+    """(backend, device) pairs the parity suite runs, as pytest params: the reference and the C++
+    kernels on CPU; where a GPU is visible, also the CUDA kernels and compiled Triton on CUDA
+    tensors, marked ``cuda`` (``pytest -m cuda`` selects them). A GPU target is listed even when its
+    backend cannot load, so that a broken build fails these tests instead of dropping them."""
+    targets = [pytest.param(name, "cpu", id=name) for name in cpu_backends()]
+    if torch.cuda.is_available():
+        interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                                         reason="compiled Triton needed (TRITON_INTERPRET=1 is set)")
+        targets += [pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda),
+                    pytest.param("triton", "cuda", id="triton-cuda", marks=[pytest.mark.cuda, interpreted])]
+    return targets
+
+
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" and not dispatch.availability("triton")
 

@@ -22,7 +22,8 @@ import fastbptt  # noqa: E402
 from fastbptt import dispatch, reference  # noqa: E402
 
 from conftest import requires_cuda, triton_interpreted  # noqa: E402
-from helpers import Case, assert_lowp_parity, assert_parity, make_inputs, make_pair, run  # noqa: E402
+from helpers import (GPU_F32_TOLERANCE, Case, assert_lowp_parity, assert_parity, make_inputs,  # noqa: E402
+                     make_pair, run)
 
 triton_kernels = pytest.importorskip("fastbptt.triton")
 
@@ -295,11 +296,6 @@ GPU_CASES = [
     Case(cell="rnn_relu", input_size=64, hidden_size=96, batch=64, steps=48, recompute=False),
     Case(cell="gru", input_size=64, hidden_size=768, batch=16, steps=32, chunk_size=16, bidirectional=True),
 ]
-
-
-# float32 against cuDNN at realistic sizes: sums over hundreds of terms per step, in another order,
-# compounded over the steps; the CPU tests hold the kernels to TOLERANCES[float32] at small sizes
-GPU_F32_TOLERANCE = (1e-4, 1e-3)
 
 
 
