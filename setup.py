@@ -3,8 +3,8 @@
 * C++ CPU kernels are always built.
 * CUDA kernels are built when the installed torch has CUDA and nvcc is found (never merely
   because a GPU is visible). ``FASTBPTT_CUDA=1`` forces them (and fails loudly if impossible),
-  ``FASTBPTT_CUDA=0`` skips them. ``FASTBPTT_CUDA_ARCH`` sets the architectures
-  (default ``8.0;8.6;8.9;9.0``). ``MAX_JOBS`` bounds ninja's parallel compiles.
+  ``FASTBPTT_CUDA=0`` skips them. ``FASTBPTT_CUDA_ARCH`` sets the architectures (default:
+  ``TORCH_CUDA_ARCH_LIST`` if set, else ``8.0;8.6;8.9;9.0``). ``MAX_JOBS`` bounds ninja's parallel compiles.
 * ``FASTBPTT_SKIP_EXTENSION=1`` installs the pure-Python package only.
 
 Install against the torch already installed: ``pip install --no-build-isolation -e .``
@@ -45,7 +45,10 @@ def ext_modules_and_cmdclass():
     cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
     extra = {"cxx": cxx_flags}
     if build_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("FASTBPTT_CUDA_ARCH", CUDA_ARCH_DEFAULT))
+        # FASTBPTT_CUDA_ARCH wins over a TORCH_CUDA_ARCH_LIST that a CUDA image may set globally
+        if "FASTBPTT_CUDA_ARCH" in os.environ:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["FASTBPTT_CUDA_ARCH"]
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", CUDA_ARCH_DEFAULT)
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]
         cxx_flags.append("-DFASTBPTT_WITH_CUDA")
