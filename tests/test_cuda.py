@@ -9,6 +9,8 @@ compile-check script that CI runs without a GPU.
 import glob
 import os
 import subprocess
+import sys
+import zipfile
 
 import pytest
 import torch
@@ -17,14 +19,10 @@ import fastbptt
 from conftest import requires_cuda
 from fastbptt import dispatch
 from fastbptt.nn import MODULE_OF_CELL, cell_kwargs
-from helpers import (TOLERANCES, Case, assert_compile_matches_eager, assert_lowp_parity, assert_parity,
-                     assert_results_close, make_inputs, make_pair, run)
+from helpers import (GPU_F32_TOLERANCE, TOLERANCES, Case, assert_compile_matches_eager, assert_lowp_parity,
+                     assert_parity, assert_results_close, make_inputs, make_pair, run)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# float32 against cuDNN at realistic sizes: sums over hundreds of terms per step in another order,
-# compounded over the steps (the CPU tests hold the kernels to TOLERANCES[float32] at small sizes)
-GPU_F32_TOLERANCE = (1e-4, 1e-3)
 
 
 def test_compile_check_script_covers_every_cuda_source():
@@ -35,6 +33,57 @@ def test_compile_check_script_covers_every_cuda_source():
                       for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", f"*.{ext}")))
     assert expected, "no CUDA sources found"
     assert sorted(listed.stdout.split()) == expected
+
+
+GPU_CHECK = os.path.join(ROOT, "scripts", "gpu_check.sh")
+
+
+def _gpu_check(*args, **env):
+    return subprocess.run(["bash", GPU_CHECK, *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHON": sys.executable, **env})
+
+
+def test_gpu_check_usage_and_bad_options():
+    assert os.access(GPU_CHECK, os.X_OK), "scripts/gpu_check.sh must exist and be executable"
+    shown = _gpu_check("--help")
+    assert shown.returncode == 0 and "--quick" in shown.stdout and "TIME_LIMIT" in shown.stdout
+    bad = _gpu_check("--fast")
+    assert bad.returncode == 2 and "unknown option '--fast'" in bad.stderr
+
+
+@pytest.mark.skipif("torch.cuda.is_available()", reason="checks the answer on a machine without a GPU")
+def test_gpu_check_without_a_gpu_stops_with_the_reason(tmp_path):
+    done = _gpu_check("--quick", OUT=str(tmp_path))
+    assert done.returncode == 2, done.stdout + done.stderr
+    reason = "no CUDA GPU is visible to torch"
+    assert reason in done.stdout
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| machine | failed |" in summary and reason in summary
+    assert reason in (tmp_path / "gpu_check.log").read_text()
+
+
+@pytest.mark.skipif("torch.cuda.is_available()", reason="checks the answer on a machine without a GPU")
+def test_gpu_check_installs_carried_wheels_before_anything_else(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    info = "carried_probe-1.0.dist-info"
+    with zipfile.ZipFile(wheels / "carried_probe-1.0-py3-none-any.whl", "w") as whl:
+        whl.writestr("carried_probe.py", "")
+        whl.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: carried-probe\nVersion: 1.0\n")
+        whl.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        whl.writestr(f"{info}/RECORD", "")
+    done = _gpu_check("--quick", OUT=str(tmp_path / "out"), WHEELS=str(wheels))
+    assert "installed the carried wheels: carried_probe-1.0-py3-none-any.whl" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 2 and "no CUDA GPU is visible" in done.stdout  # and then stops for want of a GPU
+
+
+def test_gpu_check_stops_when_carried_wheels_do_not_install(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "broken-1.0-py3-none-any.whl").write_bytes(b"not a zip file")
+    done = _gpu_check("--quick", OUT=str(tmp_path / "out"), WHEELS=str(wheels))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"installing the wheels in {wheels} failed" in done.stdout
 
 
 def _cuda_backend_reason() -> str:
