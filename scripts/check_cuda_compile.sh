@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Compile-only check of the CUDA sources: every csrc/cuda/*.cu with nvcc and every
-# csrc/cuda/*.cpp with the host compiler, against the installed torch's headers, with the flags
-# setup.py uses (torch's COMMON_NVCC_FLAGS + setup.py's nvcc/cxx flags) for one architecture.
+# Compile-only check of the CUDA sources: every csrc/cuda/*.cu with nvcc, and every
+# csrc/cuda/*.cpp and csrc/ops.cpp (whose CUDA-only section a CPU build skips) with the host
+# compiler, against the installed torch's headers, with the flags setup.py uses (torch's
+# COMMON_NVCC_FLAGS + setup.py's nvcc/cxx flags) for one architecture.
 # Needs nvcc, not a GPU, and works with the CPU torch wheel (its headers include ATen/cuda and
 # c10/cuda). Fails on the first file that does not compile; prints each file's compile time.
 #
@@ -14,7 +15,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 shopt -s nullglob
-FILES=(csrc/cuda/*.cpp csrc/cuda/*.cu)  # the slow host file first
+# the slow host files first; csrc/ops.cpp has a section compiled only with FASTBPTT_WITH_CUDA
+FILES=(csrc/cuda/*.cpp csrc/ops.cpp csrc/cuda/*.cu)
 if [[ "${1:-}" == "--list" ]]; then printf '%s\n' "${FILES[@]}"; exit 0; fi
 PYTHON="${PYTHON:-python}"
 ARCH="${ARCH:-90}"
@@ -32,7 +34,7 @@ CXX="${CXX:-c++}"
 
 # Flags derived from torch and setup.py, one per line: "nvcc <flag>", "cxx <flag>", "inc <dir>".
 FLAGS="$("$PYTHON" - <<'PY'
-import ast, os
+import ast, os, sysconfig
 import torch.utils.cpp_extension as ext
 
 tree = ast.parse(open("setup.py").read())
@@ -45,7 +47,7 @@ for node in ast.walk(tree):
             nvcc = values
         elif target == "cxx_flags":
             cxx = values
-for d in ext.include_paths():
+for d in ext.include_paths() + [sysconfig.get_paths()["include"]]:  # Python.h: csrc/ops.cpp binds to Python
     print("inc", d)
 common = ["-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C"]
 if not os.path.exists(os.path.join(ext.include_paths()[0], "c10/cuda/impl/cuda_cmake_macros.h")):
