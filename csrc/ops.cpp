@@ -9,34 +9,54 @@
 //   gru : gi [C,B,3H] = x W_ih^T + b_ih, gh [C,B,3H] = h_prev W_hh^T + b_hh
 //   lstm: gates_in [C,B,4H] = x W_ih^T + b_ih + b_hh; gates = gates_in + h_prev W_hh^T;
 //         w_hr [P,H] optional projection, h has P columns (P = H without it)
+//
+// `path` is the kernel path to run, chosen in Python by the backend registry's rule
+// (fastbptt/dispatch.py): CPU small-batch | packed | blas (csrc/cpu/common.h), CUDA standard |
+// persistent (csrc/cuda/chunk_ops.cpp). A path that cannot take the case raises with the reason.
 #include <torch/extension.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastbptt, m) {
   // -> h_n [B,H]; writes out [C,B,H]
-  m.def("rnn_forward_chunk(Tensor pre_in, Tensor h0, Tensor w_hh, Tensor? valid, Tensor(a!) out, bool relu) -> Tensor");
+  m.def("rnn_forward_chunk(Tensor pre_in, Tensor h0, Tensor w_hh, Tensor? valid, Tensor(a!) out, bool relu, "
+        "str path) -> Tensor");
   // -> (grad_pre [C,B,H], grad_h0 [B,H])
-  m.def("rnn_backward_chunk(Tensor out, Tensor w_hh, Tensor grad_out, Tensor grad_h_n, Tensor? valid, bool relu) "
-        "-> (Tensor, Tensor)");
+  m.def("rnn_backward_chunk(Tensor out, Tensor w_hh, Tensor grad_out, Tensor grad_h_n, Tensor? valid, bool relu, "
+        "str path) -> (Tensor, Tensor)");
   // -> h_n [B,H]; writes out [C,B,H] and, when given, gh_out [C,B,3H]
   m.def("gru_forward_chunk(Tensor gi, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? valid, Tensor(a!) out, "
-        "Tensor(b!)? gh_out) -> Tensor");
+        "Tensor(b!)? gh_out, str path) -> Tensor");
   // -> (grad_gi [C,B,3H], grad_gh [C,B,3H], grad_h0 [B,H])
   m.def("gru_backward_chunk(Tensor gi, Tensor gh, Tensor h_prev, Tensor w_hh, Tensor grad_out, Tensor grad_h_n, "
-        "Tensor? valid) -> (Tensor, Tensor, Tensor)");
+        "Tensor? valid, str path) -> (Tensor, Tensor, Tensor)");
   // -> (h_n [B,P], c_n [B,H]); writes out [C,B,P] and, when given, gates_out [C,B,4H]
   m.def("lstm_forward_chunk(Tensor gates_in, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor? valid, "
-        "Tensor(a!) out, Tensor(b!)? gates_out) -> (Tensor, Tensor)");
+        "Tensor(a!) out, Tensor(b!)? gates_out, str path) -> (Tensor, Tensor)");
   // -> (grad_gates [C,B,4H], grad_h0 [B,P], grad_c0 [B,H], grad_w_hr [P,H] or empty)
   m.def("lstm_backward_chunk(Tensor gates, Tensor c0, Tensor w_hh, Tensor? w_hr, Tensor grad_out, "
-        "Tensor grad_h_n, Tensor grad_c_n, Tensor? valid) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor grad_h_n, Tensor grad_c_n, Tensor? valid, str path) -> (Tensor, Tensor, Tensor, Tensor)");
 }
+
+#ifdef FASTBPTT_WITH_CUDA
+namespace fastbptt {
+namespace cuda {
+// csrc/cuda/chunk_ops.cpp: why the persistent kernel cannot take the case on the current GPU, or "".
+std::string persistent_decline_for(const std::string& cell, const std::string& dtype, int64_t batch,
+                                   int64_t hidden);
+}  // namespace cuda
+}  // namespace fastbptt
+#endif
 
 // Importing fastbptt._C runs the registrations above and in csrc/cpu, csrc/cuda.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastbptt native kernels (registered as torch.ops.fastbptt.*_chunk)";
 #ifdef FASTBPTT_WITH_CUDA
   m.attr("with_cuda") = true;
+  // Read by the backend registry (fastbptt/native.py) to decide and report the kernel path.
+  m.def("persistent_decline", &fastbptt::cuda::persistent_decline_for, pybind11::arg("cell"),
+        pybind11::arg("dtype"), pybind11::arg("batch"), pybind11::arg("hidden"),
+        "Why the persistent CUDA kernel of `cell` (gru, lstm) cannot take [batch, hidden] in `dtype` "
+        "(float32, float16, bfloat16, float64) on the current GPU, or ''.");
 #else
   m.attr("with_cuda") = false;
 #endif

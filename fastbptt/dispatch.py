@@ -6,20 +6,42 @@ A backend is a module that implements the kernel contract of :mod:`fastbptt.refe
 returning a reason string. ``backend="auto"`` walks :data:`PREFERENCE` for the input's device
 and takes the first backend that loads and accepts the case, so a kernel that cannot take a
 case is never used silently: the next one runs instead.
+
+Within a backend, a case can run by one of several *kernel paths* (CPU: matrix-vector products
+for tiny batches, a packed per-step forward, BLAS; CUDA: persistent or standard; Triton: weights
+resident in registers or streamed). Each path may decline a case by capability
+(``path_decline`` of the backend module: dtype, cell, projection, capacity); the rule that picks
+among the paths that accept it is :func:`choose_path`, from the order and batch limits in
+:data:`BACKENDS`. ``backend="cuda:persistent"`` (any ``"BACKEND:PATH"``) forces one path; one
+that declines the case then raises with the reason instead of running another.
 """
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from functools import lru_cache
-from types import ModuleType
+from functools import lru_cache, partial
+from types import ModuleType, SimpleNamespace
 from typing import Optional
 
 import torch
 
+KERNEL_FUNCTIONS = ("rnn_forward", "rnn_backward", "gru_forward", "gru_backward", "lstm_forward", "lstm_backward")
+
 
 class BackendUnavailable(RuntimeError):
     """A backend was asked for by name but cannot run here; the message says why."""
+
+
+@dataclass(frozen=True)
+class KernelPath:
+    name: str
+    summary: str
+    # The automatic rule takes this path for batches up to this size (None: any batch; 0: never,
+    # only when forced by name)
+    auto_max_batch: Optional[int] = None
+
+    def auto_for(self, batch: int) -> bool:
+        return self.auto_max_batch is None or batch <= self.auto_max_batch
 
 
 @dataclass(frozen=True)
@@ -28,15 +50,34 @@ class BackendSpec:
     module: str            # importable module implementing the kernel contract
     devices: tuple[str, ...]
     summary: str
+    # Kernel paths in the order the automatic rule tries them; the last one takes every case
+    # the backend supports. Empty: one way to run each case.
+    paths: tuple[KernelPath, ...] = ()
 
 
 BACKENDS: dict[str, BackendSpec] = {
     spec.name: spec
     for spec in (
         BackendSpec("reference", "fastbptt.reference", ("cpu", "cuda"), "plain PyTorch, the oracle"),
-        BackendSpec("cpu", "fastbptt.native", ("cpu",), "fused C++ kernels (fastbptt._C)"),
-        BackendSpec("cuda", "fastbptt.native", ("cuda",), "fused CUDA kernels (fastbptt._C)"),
-        BackendSpec("triton", "fastbptt.triton", ("cuda", "cpu"), "Triton kernels (CPU only under TRITON_INTERPRET=1)"),
+        BackendSpec("cpu", "fastbptt.native", ("cpu",), "fused C++ kernels (fastbptt._C)", paths=(
+            # measured faster than MKL's single-threaded sgemv for one or two rows (docs/cpu.md)
+            KernelPath("small-batch", "matrix-vector products parallel over W_hh, per step", auto_max_batch=2),
+            # measured faster than MKL + row pass at every float32 shape with B > 2 (docs/cpu.md)
+            KernelPath("packed", "per-step forward with W_hh packed per thread in L2, one parallel region per "
+                                 "step; backward as blas"),
+            KernelPath("blas", "one MKL product and one fused gate pass per step"),
+        )),
+        BackendSpec("cuda", "fastbptt.native", ("cuda",), "fused CUDA kernels (fastbptt._C)", paths=(
+            # never automatic until its crossover with the standard path is measured on a GPU
+            KernelPath("persistent", "W_hh resident in shared memory, one cooperative launch and a grid barrier "
+                                     "per step", auto_max_batch=0),
+            KernelPath("standard", "one cuBLAS product and one fused gate kernel per step"),
+        )),
+        BackendSpec("triton", "fastbptt.triton", ("cuda", "cpu"), "Triton kernels (CPU only under TRITON_INTERPRET=1)",
+                    paths=(
+            KernelPath("resident", "W_hh tiles held in registers for the whole chunk (H fits one tile)"),
+            KernelPath("streamed", "W_hh streamed tile by tile from global memory (L2) each step"),
+        )),
     )
 }
 
@@ -47,12 +88,19 @@ PREFERENCE: dict[str, tuple[str, ...]] = {
     "cuda": ("cuda", "triton", "reference"),
 }
 
-CHOICES = ("auto",) + tuple(BACKENDS)
+CHOICES = ("auto",) + tuple(
+    choice for spec in BACKENDS.values() for choice in (spec.name, *(f"{spec.name}:{p.name}" for p in spec.paths)))
+
+
+def split(backend: str) -> tuple[str, str]:
+    """``"cuda:persistent"`` -> ``("cuda", "persistent")``; ``"cuda"`` -> ``("cuda", "")``."""
+    name, _, path = backend.partition(":")
+    return name, path
 
 
 @lru_cache(maxsize=None)
 def _load(name: str) -> tuple[Optional[ModuleType], str]:
-    spec = BACKENDS[name]
+    spec = BACKENDS[split(name)[0]]
     try:
         module = importlib.import_module(spec.module)
     except ImportError as exc:  # a missing optional dependency or an unbuilt extension
@@ -73,23 +121,66 @@ def check_backend_name(backend: str) -> None:
 
 def kernels(name: str) -> ModuleType:
     """The kernel module of backend ``name``; raises :class:`BackendUnavailable` with the reason."""
-    module, reason = _load(name)
+    module, reason = _load(split(name)[0])
     if module is None:
         raise BackendUnavailable(f"fastbptt backend {name!r} is unavailable: {reason}")
     return module
 
 
+def path_decline(backend: str, path: str, cell: str, dtype: torch.dtype, batch: int, hidden_size: int,
+                 proj_size: int = 0) -> str:
+    """'' when kernel ``path`` of a loaded ``backend`` can run this case, else why not."""
+    names = [p.name for p in BACKENDS[backend].paths]
+    if path not in names:
+        return f"backend {backend!r} has no kernel path {path!r} (has {', '.join(names) or 'none'})"
+    return kernels(backend).path_decline(backend, path, cell, dtype, batch, hidden_size, proj_size)
+
+
+def choose_path(backend: str, cell: str, dtype: torch.dtype, batch: int, hidden_size: int,
+                proj_size: int = 0) -> str:
+    """The kernel path of ``backend`` ("cpu", "cuda:persistent", ...) for one layer call: the path
+    named, which must accept the case (else :class:`BackendUnavailable` with the reason), or the
+    first path in :data:`BACKENDS` order whose batch limit and ``path_decline`` admit the case.
+    '' for a backend without paths."""
+    name, forced = split(backend)
+    paths = BACKENDS[name].paths
+    if forced:
+        reason = path_decline(name, forced, cell, dtype, batch, hidden_size, proj_size)
+        if reason:
+            raise BackendUnavailable(f"fastbptt backend {backend!r} cannot run this {cell} layer "
+                                     f"(B={batch}, H={hidden_size}, {dtype}): {reason}")
+        return forced
+    for path in paths:
+        if path.auto_for(batch) and not path_decline(name, path.name, cell, dtype, batch, hidden_size, proj_size):
+            return path.name
+    if paths:  # the last path takes every supported case: reaching here is a bug in a path_decline
+        raise AssertionError(f"no kernel path of {name!r} takes this {cell} case (B={batch}, H={hidden_size}, "
+                             f"{dtype})")
+    return ""
+
+
+def bound_kernels(backend: str, cell: str, dtype: torch.dtype, batch: int, hidden_size: int,
+                  proj_size: int = 0):
+    """The six kernel functions of ``backend`` for one layer call, bound to the kernel path
+    :func:`choose_path` picks (the module itself for a backend without paths)."""
+    module = kernels(backend)
+    path = choose_path(backend, cell, dtype, batch, hidden_size, proj_size)
+    if not path:
+        return module
+    return SimpleNamespace(path=path, **{f: partial(getattr(module, f), path=path) for f in KERNEL_FUNCTIONS})
+
+
 def decline_reason(name: str, cell: str, device_type: str, dtype: torch.dtype, hidden_size: int,
                    proj_size: int = 0) -> str:
-    """'' when backend ``name`` loads and takes this case, else why not."""
-    spec = BACKENDS[name]
+    """'' when backend ``name`` loads and takes this case on some kernel path, else why not."""
+    spec = BACKENDS[split(name)[0]]
     if device_type not in spec.devices:
         return f"it does not run on {device_type} tensors (runs on {', '.join(spec.devices)})"
-    module, reason = _load(name)
+    module, reason = _load(spec.name)
     if module is None:
         return reason
     supports = getattr(module, "supports", None)
-    return supports(name, cell, dtype, hidden_size, proj_size) if supports else ""
+    return supports(spec.name, cell, dtype, hidden_size, proj_size) if supports else ""
 
 
 def resolve(backend: str, cell: str, x: torch.Tensor, hidden_size: int, proj_size: int = 0) -> str:

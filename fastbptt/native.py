@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .dispatch import BACKENDS
+
 try:
     from . import _C  # noqa: F401  (registers the ops)
     _IMPORT_ERROR = ""
@@ -29,27 +31,27 @@ def _register_fakes() -> None:
     fake = torch.library.register_fake
 
     @fake("fastbptt::rnn_forward_chunk")
-    def _rnn_forward(pre_in, h0, w_hh, valid, out, relu):
+    def _rnn_forward(pre_in, h0, w_hh, valid, out, relu, path):
         return torch.empty_like(h0)
 
     @fake("fastbptt::rnn_backward_chunk")
-    def _rnn_backward(out, w_hh, grad_out, grad_h_n, valid, relu):
+    def _rnn_backward(out, w_hh, grad_out, grad_h_n, valid, relu, path):
         return torch.empty_like(out), torch.empty_like(grad_h_n)
 
     @fake("fastbptt::gru_forward_chunk")
-    def _gru_forward(gi, h0, w_hh, b_hh, valid, out, gh_out):
+    def _gru_forward(gi, h0, w_hh, b_hh, valid, out, gh_out, path):
         return torch.empty_like(h0)
 
     @fake("fastbptt::gru_backward_chunk")
-    def _gru_backward(gi, gh, h_prev, w_hh, grad_out, grad_h_n, valid):
+    def _gru_backward(gi, gh, h_prev, w_hh, grad_out, grad_h_n, valid, path):
         return torch.empty_like(gi), torch.empty_like(gh), torch.empty_like(grad_h_n)
 
     @fake("fastbptt::lstm_forward_chunk")
-    def _lstm_forward(gates_in, h0, c0, w_hh, w_hr, valid, out, gates_out):
+    def _lstm_forward(gates_in, h0, c0, w_hh, w_hr, valid, out, gates_out, path):
         return torch.empty_like(h0), torch.empty_like(c0)
 
     @fake("fastbptt::lstm_backward_chunk")
-    def _lstm_backward(gates, c0, w_hh, w_hr, grad_out, grad_h_n, grad_c_n, valid):
+    def _lstm_backward(gates, c0, w_hh, w_hr, grad_out, grad_h_n, grad_c_n, valid, path):
         grad_w_hr = torch.empty_like(w_hr) if w_hr is not None else gates.new_empty(0)
         return torch.empty_like(gates), torch.empty_like(grad_h_n), torch.empty_like(c0), grad_w_hr
 
@@ -82,27 +84,76 @@ def supports(name: str, cell: str, dtype: torch.dtype, hidden_size: int, proj_si
     return ""
 
 
-def rnn_forward(pre_in: Tensor, h0: Tensor, w_hh: Tensor, valid: Optional[Tensor], out: Tensor, relu: bool) -> Tensor:
-    return torch.ops.fastbptt.rnn_forward_chunk(pre_in, h0, w_hh, valid, out, relu)
+# Kernel paths (the registry in fastbptt/dispatch.py lists them and holds the rule). The CPU's
+# small-batch and packed kernels compute in float32 (bfloat16 is widened to it).
+FLOAT32_PATH_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def rnn_backward(out, w_hh, grad_out, grad_h_n, valid, relu):
-    return torch.ops.fastbptt.rnn_backward_chunk(out, w_hh, grad_out, grad_h_n, valid, relu)
+def path_decline(name: str, path: str, cell: str, dtype: torch.dtype, batch: int, hidden_size: int,
+                 proj_size: int) -> str:
+    """'' when kernel ``path`` of backend ``name`` ("cpu", "cuda") can run the case, else why not."""
+    if path in ("small-batch", "packed") and dtype not in FLOAT32_PATH_DTYPES:
+        return f"the {path} kernels take float32 and bfloat16, not {dtype}"
+    if path == "packed" and (cell not in ("gru", "lstm") or proj_size):
+        return "the packed forward exists for GRU and for LSTM without projection"
+    if path == "persistent":
+        return persistent_decline(cell, dtype, batch, hidden_size, proj_size)
+    return ""
 
 
-def gru_forward(gi, h0, w_hh, b_hh, valid, out, gh_out=None):
-    return torch.ops.fastbptt.gru_forward_chunk(gi, h0, w_hh, b_hh, valid, out, gh_out)
+def persistent_decline(cell: str, dtype: torch.dtype, batch: int, hidden_size: int, proj_size: int = 0) -> str:
+    """Why the persistent CUDA kernel cannot take the case on the current GPU, or ''. Its capacity
+    (W_hh's slice in each block's shared memory, one co-resident block per SM at most) is
+    computed from the device's properties by the extension."""
+    if cell.startswith("rnn"):
+        return "there is no persistent kernel for the RNN cell yet"
+    if proj_size:
+        return "the persistent LSTM kernel does not support a projection (proj_size > 0)"
+    return _C.persistent_decline(cell, str(dtype).removeprefix("torch."), batch, hidden_size)
 
 
-def gru_backward(gi, gh, h_prev, w_hh, grad_out, grad_h_n, valid):
-    return torch.ops.fastbptt.gru_backward_chunk(gi, gh, h_prev, w_hh, grad_out, grad_h_n, valid)
+def persistent_capacity(cell: str, dtype: torch.dtype, batch: int, limit: int = 1 << 16) -> int:
+    """The largest hidden size the persistent kernel takes at this batch on the current GPU (0:
+    none), found by bisection: the kernel's demand grows with H."""
+    if persistent_decline(cell, dtype, batch, 1):
+        return 0
+    lo, hi = 1, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if not persistent_decline(cell, dtype, batch, mid) else (lo, mid - 1)
+    return lo
 
 
-def lstm_forward(gates_in, h0, c0, w_hh, w_hr, valid, out, gates_out=None):
-    return torch.ops.fastbptt.lstm_forward_chunk(gates_in, h0, c0, w_hh, w_hr, valid, out, gates_out)
+# The kernel contract of fastbptt.reference, with the kernel path as a last keyword.
+
+def rnn_forward(pre_in: Tensor, h0: Tensor, w_hh: Tensor, valid: Optional[Tensor], out: Tensor, relu: bool,
+                path: str = "") -> Tensor:
+    return torch.ops.fastbptt.rnn_forward_chunk(pre_in, h0, w_hh, valid, out, relu, _path(pre_in, path))
 
 
-def lstm_backward(gates, c0, w_hh, w_hr, grad_out, grad_h_n, grad_c_n, valid):
+def rnn_backward(out, w_hh, grad_out, grad_h_n, valid, relu, path: str = ""):
+    return torch.ops.fastbptt.rnn_backward_chunk(out, w_hh, grad_out, grad_h_n, valid, relu, _path(out, path))
+
+
+def gru_forward(gi, h0, w_hh, b_hh, valid, out, gh_out=None, path: str = ""):
+    return torch.ops.fastbptt.gru_forward_chunk(gi, h0, w_hh, b_hh, valid, out, gh_out, _path(gi, path))
+
+
+def gru_backward(gi, gh, h_prev, w_hh, grad_out, grad_h_n, valid, path: str = ""):
+    return torch.ops.fastbptt.gru_backward_chunk(gi, gh, h_prev, w_hh, grad_out, grad_h_n, valid, _path(gi, path))
+
+
+def lstm_forward(gates_in, h0, c0, w_hh, w_hr, valid, out, gates_out=None, path: str = ""):
+    return torch.ops.fastbptt.lstm_forward_chunk(gates_in, h0, c0, w_hh, w_hr, valid, out, gates_out,
+                                                 _path(gates_in, path))
+
+
+def lstm_backward(gates, c0, w_hh, w_hr, grad_out, grad_h_n, grad_c_n, valid, path: str = ""):
     grad_gates, grad_h0, grad_c0, grad_w_hr = torch.ops.fastbptt.lstm_backward_chunk(
-        gates, c0, w_hh, w_hr, grad_out, grad_h_n, grad_c_n, valid)
+        gates, c0, w_hh, w_hr, grad_out, grad_h_n, grad_c_n, valid, _path(gates, path))
     return grad_gates, grad_h0, grad_c0, (grad_w_hr if w_hr is not None else None)
+
+
+def _path(like: Tensor, path: str) -> str:
+    """A direct call without a path (tests) runs the backend's last path, which takes every case."""
+    return path or BACKENDS[like.device.type].paths[-1].name

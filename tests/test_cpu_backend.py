@@ -105,8 +105,8 @@ def test_gradcheck_with_lengths(cell, proj, reverse):
 
 # ----------------------------------------------------------------------------- the chunk ops
 
-def chunk_op_args(name, dtype=torch.float64, proj=False, masked=True, batch=3, hidden=5):
-    """(op, args, mutated) for one *_chunk op on a small random case."""
+def chunk_op_args(name, dtype=torch.float64, proj=False, masked=True, batch=3, hidden=5, path="blas"):
+    """(op, args) for one *_chunk op on a small random case; ``path`` is the op's last argument."""
     g = torch.Generator().manual_seed(0)
     C, B, H = 4, batch, hidden
     P = 2 if proj else H
@@ -120,20 +120,20 @@ def chunk_op_args(name, dtype=torch.float64, proj=False, masked=True, batch=3, h
             valid[(2 * b + 1) % C, b] = False
     ops = torch.ops.fastbptt
     if name == "rnn_forward_chunk":
-        return ops.rnn_forward_chunk, (rnd(C, B, H), rnd(B, H), rnd(H, H), valid, rnd(C, B, H), False)
+        return ops.rnn_forward_chunk, (rnd(C, B, H), rnd(B, H), rnd(H, H), valid, rnd(C, B, H), False, path)
     if name == "rnn_backward_chunk":
-        return ops.rnn_backward_chunk, (rnd(C, B, H).tanh(), rnd(H, H), rnd(C, B, H), rnd(B, H), valid, False)
+        return ops.rnn_backward_chunk, (rnd(C, B, H).tanh(), rnd(H, H), rnd(C, B, H), rnd(B, H), valid, False, path)
     if name == "gru_forward_chunk":
         return ops.gru_forward_chunk, (rnd(C, B, 3 * H), rnd(B, H), rnd(3 * H, H), rnd(3 * H), valid,
-                                       rnd(C, B, H), rnd(C, B, 3 * H))
+                                       rnd(C, B, H), rnd(C, B, 3 * H), path)
     if name == "gru_backward_chunk":
         return ops.gru_backward_chunk, (rnd(C, B, 3 * H), rnd(C, B, 3 * H), rnd(C, B, H), rnd(3 * H, H),
-                                        rnd(C, B, H), rnd(B, H), valid)
+                                        rnd(C, B, H), rnd(B, H), valid, path)
     if name == "lstm_forward_chunk":
         return ops.lstm_forward_chunk, (rnd(C, B, 4 * H), rnd(B, P), rnd(B, H), rnd(4 * H, P),
-                                        rnd(P, H) if proj else None, valid, rnd(C, B, P), rnd(C, B, 4 * H))
+                                        rnd(P, H) if proj else None, valid, rnd(C, B, P), rnd(C, B, 4 * H), path)
     return ops.lstm_backward_chunk, (rnd(C, B, 4 * H), rnd(B, H), rnd(4 * H, P), rnd(P, H) if proj else None,
-                                     rnd(C, B, P), rnd(B, P), rnd(B, H), valid)
+                                     rnd(C, B, P), rnd(B, P), rnd(B, H), valid, path)
 
 
 CHUNK_OPS = [("rnn_forward_chunk", False), ("rnn_backward_chunk", False), ("gru_forward_chunk", False),
@@ -141,65 +141,63 @@ CHUNK_OPS = [("rnn_forward_chunk", False), ("rnn_backward_chunk", False), ("gru_
              ("lstm_backward_chunk", False), ("lstm_backward_chunk", True)]
 
 
-@pytest.mark.parametrize("name,proj", CHUNK_OPS)
-@pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("masked", [False, True])
-def test_small_batch_products_match_reference_kernels(name, proj, batch, masked):
-    """float32 with one or two rows runs the per-step products as matrix-vector kernels."""
-    _, args = chunk_op_args(name, torch.float32, proj=proj, masked=masked, batch=batch, hidden=37)
+def assert_op_matches_reference_kernel(name, args, tolerance):
+    """The native kernel of op ``name`` on ``args`` (the path last) against the reference kernel on
+    copies of them (no path): results and the in-place outputs."""
     kernel = name.replace("_chunk", "")
-    ref_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+    ref_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args[:-1])
     actual = getattr(native, kernel)(*args)
     expected = getattr(reference, kernel)(*ref_args)
-    atol, rtol = TOLERANCES[torch.float32]
     flat = lambda r: [t for t in (r if isinstance(r, tuple) else (r,)) if t is not None]
-    in_place = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
-    for a, e in zip(flat(actual) + [args[i] for i in in_place], flat(expected) + [ref_args[i] for i in in_place]):
-        torch.testing.assert_close(a, e, atol=atol, rtol=rtol)
+    in_place = [i for i, a in enumerate(ref_args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    got, want = flat(actual) + [args[i] for i in in_place], flat(expected) + [ref_args[i] for i in in_place]
+    assert len(got) == len(want)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a.double(), e.double(), atol=tolerance[0], rtol=tolerance[1],
+                                   msg=lambda m: f"{name} on the {args[-1]} path: {m}")
+
+
+@pytest.mark.parametrize("name,proj", CHUNK_OPS)
+@pytest.mark.parametrize("batch", [1, 2, 5])
+@pytest.mark.parametrize("masked", [False, True])
+def test_small_batch_products_match_reference_kernels(name, proj, batch, masked):
+    """The small-batch path (per-step products as matrix-vector kernels, float32), chosen for one or
+    two rows, is right at any batch size."""
+    _, args = chunk_op_args(name, torch.float32, proj=proj, masked=masked, batch=batch, hidden=37,
+                            path="small-batch")
+    assert_op_matches_reference_kernel(name, args, TOLERANCES[torch.float32])
 
 
 @pytest.mark.parametrize("name", ["gru_forward_chunk", "lstm_forward_chunk"])
-@pytest.mark.parametrize("batch", [4, 5, 33])
+@pytest.mark.parametrize("batch", [1, 4, 5, 33])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("saved", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_packed_step_forward_matches_reference_kernels(monkeypatch, name, batch, masked, saved, threads):
+def test_packed_step_forward_matches_reference_kernels(name, batch, masked, saved, threads):
     """float32 GRU / LSTM forward with W_hh packed per thread (csrc/cpu/packed_step.cpp): H = 37 is not a
     multiple of the 16-column panels and B not of the 6-row micro-kernel; with and without padding and
-    gh_out / gates_out. FASTBPTT_CPU_STEP=mkl runs the MKL path on the same case for comparison."""
-    _, args = chunk_op_args(name, torch.float32, masked=masked, batch=batch, hidden=37)
-    args = args if saved else args[:-1] + (None,)
-    kernel = name.replace("_chunk", "")
-    expected_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
-    expected = getattr(reference, kernel)(*expected_args)
+    gh_out / gates_out; the blas path on the same case for comparison."""
     before = torch.get_num_threads()
-    results = {}
     try:
         torch.set_num_threads(threads)
-        for path in ("packed", "mkl"):
-            monkeypatch.setenv("FASTBPTT_CPU_STEP", path)
-            path_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
-            results[path] = (getattr(native, kernel)(*path_args), path_args)
+        for path in ("packed", "blas"):
+            _, args = chunk_op_args(name, torch.float32, masked=masked, batch=batch, hidden=37, path=path)
+            if not saved:
+                args = args[:-2] + (None, path)
+            assert_op_matches_reference_kernel(name, args, TOLERANCES[torch.float32])
+            if masked:  # padded rows write zeros
+                valid, out = args[-4], args[-3]
+                assert (out[~valid] == 0).all()
     finally:
         torch.set_num_threads(before)
-    atol, rtol = TOLERANCES[torch.float32]
-    flat = lambda r: [t for t in (r if isinstance(r, tuple) else (r,)) if t is not None]
-    in_place = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
-    for path, (actual, path_args) in results.items():
-        got = flat(actual) + [path_args[i] for i in in_place]
-        want = flat(expected) + [expected_args[i] for i in in_place]
-        assert len(got) == len(want)
-        for a, e in zip(got, want):
-            torch.testing.assert_close(a, e, atol=atol, rtol=rtol, msg=lambda m, p=path: f"{p}: {m}")
-    if masked:  # padded rows write zeros and keep their state
-        out = results["packed"][1][-2]
-        assert (out[~expected_args[-3]] == 0).all()
 
 
 @pytest.mark.parametrize("name,proj", CHUNK_OPS)
 @pytest.mark.parametrize("masked", [False, True])
-def test_opcheck_chunk_ops(name, proj, masked):
-    op, args = chunk_op_args(name, proj=proj, masked=masked)
+@pytest.mark.parametrize("path", ["blas", "small-batch"])
+def test_opcheck_chunk_ops(name, proj, masked, path):
+    op, args = chunk_op_args(name, torch.float32 if path == "small-batch" else torch.float64, proj=proj,
+                             masked=masked, path=path)
     torch.library.opcheck(op, args)
 
 
@@ -208,15 +206,7 @@ def test_opcheck_chunk_ops(name, proj, masked):
 def test_chunk_ops_match_reference_kernels(name, proj, dtype):
     """Each op against the reference kernel, including the in-place outputs."""
     _, args = chunk_op_args(name, dtype, proj=proj)
-    kernel = name.replace("_chunk", "")
-    ref_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
-    actual = getattr(native, kernel)(*args)
-    expected = getattr(reference, kernel)(*ref_args)
-    atol, rtol = TOLERANCES.get(dtype, (1e-2, 1e-2))
-    flat = lambda r: [t for t in (r if isinstance(r, tuple) else (r,)) if t is not None]
-    in_place = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point()]
-    for a, e in zip(flat(actual) + [args[i] for i in in_place], flat(expected) + [ref_args[i] for i in in_place]):
-        torch.testing.assert_close(a.double(), e.double(), atol=atol, rtol=rtol)
+    assert_op_matches_reference_kernel(name, args, TOLERANCES.get(dtype, (1e-2, 1e-2)))
 
 
 def test_thread_count_invariance():
@@ -294,6 +284,20 @@ def test_kernel_input_errors(name, index, bad, message):
     op, args = chunk_op_args(name)
     with pytest.raises(RuntimeError, match=message):
         op(*_replace(args, index, bad(args[index])))
+
+
+@pytest.mark.parametrize("name,dtype,proj,path,message", [
+    ("gru_forward_chunk", torch.float64, False, "fastest", r"path must be small-batch, packed or blas, got 'fastest'"),
+    ("gru_backward_chunk", torch.float64, False, "packed", r"the packed kernels take float32 and bfloat16, got Double"),
+    ("rnn_forward_chunk", torch.float64, False, "small-batch", r"the small-batch kernels take float32 and bfloat16"),
+    ("rnn_forward_chunk", torch.float32, False, "packed", r"the packed path exists for GRU and LSTM"),
+    ("lstm_forward_chunk", torch.float32, True, "packed", r"packed path exists for LSTM without projection"),
+])
+def test_kernel_path_errors(name, dtype, proj, path, message):
+    """A path a kernel cannot run is an error naming it, never a silent switch to another."""
+    op, args = chunk_op_args(name, dtype, proj=proj, path=path)
+    with pytest.raises(RuntimeError, match=message):
+        op(*args)
 
 
 def test_out_must_be_contiguous():

@@ -1,6 +1,6 @@
 """The CUDA backend (csrc/cuda): parity with torch.nn (cuDNN) and with the reference in float64 on
 the GPU, low precision within torch.nn's own error, determinism, torch.compile, CUDA graph
-capture of a training step, and the persistent path forced with FASTBPTT_CUDA_PATH.
+capture of a training step, and the persistent path forced with backend="cuda:persistent".
 
 Every GPU test skips cleanly without a CUDA device or without the compiled CUDA kernels; nothing
 here touches the GPU at import or collection time. The first test runs everywhere: it checks the
@@ -17,7 +17,7 @@ import torch
 
 import fastbptt
 from conftest import requires_cuda
-from fastbptt import dispatch
+from fastbptt import dispatch, native
 from fastbptt.nn import MODULE_OF_CELL, cell_kwargs
 from helpers import (GPU_F32_TOLERANCE, TOLERANCES, Case, assert_compile_matches_eager, assert_lowp_parity,
                      assert_parity, assert_results_close, make_inputs, make_pair, run)
@@ -101,11 +101,17 @@ def gpu_test(f):
 
 
 
-@pytest.fixture(params=["standard", "auto"])
-def cuda_path(request, monkeypatch):
-    """auto takes the persistent kernel where one exists and fits (GRU here), standard elsewhere."""
-    monkeypatch.setenv("FASTBPTT_CUDA_PATH", request.param)
+@pytest.fixture(params=["cuda:standard", "cuda:persistent"])
+def cuda_backend(request):
+    """The standard path, and the persistent one where it exists (GRU, LSTM without projection):
+    elsewhere the rule's choice ("cuda")."""
     return request.param
+
+
+def backend_for(case: Case, backend: str) -> str:
+    if backend == "cuda:persistent" and (case.cell.startswith("rnn") or case.proj_size):
+        return "cuda"
+    return backend
 
 
 CASES = [
@@ -133,8 +139,8 @@ def _id(case: Case) -> str:
 
 @gpu_test
 @pytest.mark.parametrize("case", CASES, ids=_id)
-def test_parity_with_cudnn_float32(case, no_tf32, cuda_path):
-    assert_parity(case, "cuda", torch.float32, device="cuda", tolerance=GPU_F32_TOLERANCE)
+def test_parity_with_cudnn_float32(case, no_tf32, cuda_backend):
+    assert_parity(case, backend_for(case, cuda_backend), torch.float32, device="cuda", tolerance=GPU_F32_TOLERANCE)
 
 
 @gpu_test
@@ -151,14 +157,14 @@ def test_parity_float64_with_torch_nn_and_reference(case):
 @gpu_test
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES[:6], ids=_id)
-def test_low_precision_within_torch_nn_error(case, dtype, cuda_path):
-    assert_lowp_parity(case, "cuda", dtype, device="cuda")
+def test_low_precision_within_torch_nn_error(case, dtype, cuda_backend):
+    assert_lowp_parity(case, backend_for(case, cuda_backend), dtype, device="cuda")
 
 
 @gpu_test
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5]], ids=_id)
-def test_two_runs_are_bitwise_equal(case, cuda_path):
-    _, fast = make_pair(case, "cuda", torch.float32, "cuda")
+def test_two_runs_are_bitwise_equal(case, cuda_backend):
+    _, fast = make_pair(case, backend_for(case, cuda_backend), torch.float32, "cuda")
     x, hx, lengths = make_inputs(case, torch.float32, "cuda")
     first, second = run(fast, case, x, hx, lengths), run(fast, case, x, hx, lengths)
     for key in first:
@@ -175,10 +181,11 @@ def test_torch_compile_fullgraph_matches_eager(cell):
 
 @gpu_test
 @pytest.mark.parametrize("cell", ["gru", "lstm", "rnn_relu"])
-def test_cuda_graph_capture_of_a_training_step(cell, cuda_path):
+def test_cuda_graph_capture_of_a_training_step(cell, cuda_backend):
     """Forward + backward captured once and replayed on new data gives the eager gradients."""
     torch.manual_seed(0)
-    model = MODULE_OF_CELL[cell](8, 32, num_layers=2, chunk_size=5, backend="cuda", **cell_kwargs(cell)).cuda()
+    backend = backend_for(Case(cell=cell), cuda_backend)
+    model = MODULE_OF_CELL[cell](8, 32, num_layers=2, chunk_size=5, backend=backend, **cell_kwargs(cell)).cuda()
     static_x = torch.randn(12, 4, 8, device="cuda")
 
     def step():
@@ -226,29 +233,28 @@ PERSISTENT_CASES = [  # hidden sizes and batches that are not multiples of the k
 
 @gpu_test
 @pytest.mark.parametrize("case", PERSISTENT_CASES, ids=_id)
-def test_persistent_parity(case, no_tf32, monkeypatch):
-    monkeypatch.setenv("FASTBPTT_CUDA_PATH", "persistent")
-    assert_parity(case, "cuda", torch.float32, device="cuda", tolerance=GPU_F32_TOLERANCE)
+def test_persistent_parity(case, no_tf32):
+    assert_parity(case, "cuda:persistent", torch.float32, device="cuda", tolerance=GPU_F32_TOLERANCE)
 
 
 @gpu_test
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", PERSISTENT_CASES[1:4] + PERSISTENT_CASES[6:], ids=_id)
-def test_persistent_low_precision(case, dtype, monkeypatch):
-    monkeypatch.setenv("FASTBPTT_CUDA_PATH", "persistent")
-    assert_lowp_parity(case, "cuda", dtype, device="cuda")
+def test_persistent_low_precision(case, dtype):
+    assert_lowp_parity(case, "cuda:persistent", dtype, device="cuda")
 
 
 @gpu_test
-def test_persistent_declines_cleanly_above_capacity(monkeypatch, no_tf32):
-    """Forced: a clear error before anything is launched. auto: the standard path runs instead."""
+def test_persistent_declines_cleanly_above_capacity(no_tf32):
+    """Forced: a clear error before anything is launched. The rule: the standard path runs instead."""
     case = Case(cell="gru", input_size=4, hidden_size=8192, batch=2, steps=3, chunk_size=3)
-    monkeypatch.setenv("FASTBPTT_CUDA_PATH", "persistent")
-    _, fast = make_pair(case, "cuda", torch.float32, "cuda")
+    assert "shared memory" in native.persistent_decline("gru", torch.float32, 2, 8192)
+    assert 0 < native.persistent_capacity("gru", torch.float32, 2) < 8192
+    _, fast = make_pair(case, "cuda:persistent", torch.float32, "cuda")
     x, hx, _ = make_inputs(case, torch.float32, "cuda")
-    with pytest.raises(RuntimeError, match="persistent gru kernel declines"):
+    with pytest.raises(dispatch.BackendUnavailable, match="cuda:persistent' cannot run this gru layer"):
         fast(x, hx)
-    monkeypatch.setenv("FASTBPTT_CUDA_PATH", "auto")
+    assert dispatch.choose_path("cuda", "gru", torch.float32, 2, 8192) == "standard"
     assert_parity(case, "cuda", torch.float32, device="cuda", tolerance=GPU_F32_TOLERANCE)
 
 
@@ -258,21 +264,22 @@ def test_persistent_declines_cleanly_above_capacity(monkeypatch, no_tf32):
     (Case(cell="lstm", proj_size=4), torch.float32, "does not support a projection"),
     (Case(cell="rnn_tanh"), torch.float32, "no persistent kernel"),
 ], ids=["float64", "lstm-proj", "rnn"])
-def test_persistent_declines_what_it_cannot_run(monkeypatch, case, dtype, reason):
-    monkeypatch.setenv("FASTBPTT_CUDA_PATH", "persistent")
-    _, fast = make_pair(case, "cuda", dtype, "cuda")
+def test_persistent_declines_what_it_cannot_run(case, dtype, reason):
+    _, fast = make_pair(case, "cuda:persistent", dtype, "cuda")
     x, hx, _ = make_inputs(case, dtype, "cuda")
-    with pytest.raises(RuntimeError, match=reason):
+    with pytest.raises(dispatch.BackendUnavailable, match=reason):
         fast(x, hx)
-    monkeypatch.setenv("FASTBPTT_CUDA_PATH", "auto")
     assert_parity(case, "cuda", dtype, device="cuda", tolerance=None if dtype == torch.float64 else GPU_F32_TOLERANCE)
 
 
 @gpu_test
-def test_unknown_path_name_is_an_error(monkeypatch):
-    monkeypatch.setenv("FASTBPTT_CUDA_PATH", "fastest")
-    case = Case(cell="gru")
-    _, fast = make_pair(case, "cuda", torch.float32, "cuda")
-    x, hx, _ = make_inputs(case, torch.float32, "cuda")
-    with pytest.raises(RuntimeError, match="FASTBPTT_CUDA_PATH must be"):
-        fast(x, hx)
+@pytest.mark.parametrize("name", ["gru_forward_chunk", "lstm_backward_chunk"])
+def test_chunk_op_rejects_an_unknown_path(name):
+    x = torch.zeros(2, 1, 12 if name.startswith("lstm") else 9, device="cuda")
+    h = torch.zeros(1, 3, device="cuda")
+    w = torch.zeros(x.shape[-1], 3, device="cuda")
+    op = getattr(torch.ops.fastbptt, name)
+    args = ((x, h, w, None, None, torch.zeros(2, 1, 3, device="cuda"), None, "fastest") if name.startswith("gru") else
+            (x, h, w, None, torch.zeros(2, 1, 3, device="cuda"), h, h, None, "fastest"))
+    with pytest.raises(RuntimeError, match="path must be standard or persistent, got 'fastest'"):
+        op(*args)

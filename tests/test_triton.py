@@ -86,34 +86,37 @@ def _chunk_inputs(cell, steps, batch, hidden, proj, dtype, masked, seed=0):
     return d
 
 
-def _compare_chunk(cell, steps, batch, hidden, dtype, masked, proj=0, bias=True):
-    """Forward and backward chunk kernels of the Triton backend against the reference's."""
+def _compare_chunk(cell, steps, batch, hidden, dtype, masked, proj=0, bias=True, path="streamed"):
+    """Forward and backward chunk kernels of the Triton backend, on kernel ``path``, against the
+    reference's."""
     d = _chunk_inputs(cell, steps, batch, hidden, proj, dtype, masked)
     out_size = proj or hidden
     outs = {}
     for name, mod in (("ref", reference), ("tri", triton_kernels)):
+        kw = {"path": path} if mod is triton_kernels else {}
         out = torch.full((steps, batch, out_size), float("nan"), dtype=dtype)
         res = {"out": out}
         if cell == "gru":
             gh = torch.full_like(d["gates"], float("nan"))
             b_hh = d["b_hh"] if bias else None
-            res["h_n"] = mod.gru_forward(d["gates"], d["h0"], d["w_hh"], b_hh, d["valid"], out, gh)
+            res["h_n"] = mod.gru_forward(d["gates"], d["h0"], d["w_hh"], b_hh, d["valid"], out, gh, **kw)
             res["gh"] = gh
             # the backward takes the reference's gh so that both walk back from the same numbers
             gh_in = outs["ref"]["gh"] if name == "tri" else gh
             res["back"] = mod.gru_backward(d["gates"], gh_in, d["h_prev"], d["w_hh"], d["grad_out"], d["grad_h"],
-                                           d["valid"])
+                                           d["valid"], **kw)
         elif cell == "lstm":
             pre = torch.full_like(d["gates"], float("nan"))
-            res["h_n"] = mod.lstm_forward(d["gates"], d["h0"], d["c0"], d["w_hh"], d["w_hr"], d["valid"], out, pre)
+            res["h_n"] = mod.lstm_forward(d["gates"], d["h0"], d["c0"], d["w_hh"], d["w_hr"], d["valid"], out, pre,
+                                          **kw)
             res["pre"] = pre
             res["back"] = mod.lstm_backward(d["gates"], d["c0"], d["w_hh"], d["w_hr"], d["grad_out"], d["grad_h"],
-                                            d["grad_c"], d["valid"])
+                                            d["grad_c"], d["valid"], **kw)
         else:
             relu = cell == "rnn_relu"
-            res["h_n"] = mod.rnn_forward(d["gates"], d["h0"], d["w_hh"], d["valid"], out, relu)
+            res["h_n"] = mod.rnn_forward(d["gates"], d["h0"], d["w_hh"], d["valid"], out, relu, **kw)
             out_in = outs["ref"]["out"] if name == "tri" else out
-            res["back"] = mod.rnn_backward(out_in, d["w_hh"], d["grad_out"], d["grad_h"], d["valid"], relu)
+            res["back"] = mod.rnn_backward(out_in, d["w_hh"], d["grad_out"], d["grad_h"], d["valid"], relu, **kw)
         outs[name] = res
     ref, tri = outs["ref"], outs["tri"]
     for key in ref:
@@ -124,11 +127,15 @@ def _compare_chunk(cell, steps, batch, hidden, dtype, masked, proj=0, bias=True)
             _close(a, e, dtype, f"{cell} {key}[{i}]")
 
 
+PATHS = ("resident", "streamed")
+
+
 @interpreted
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("masked", [False, True])
-def test_chunk_kernels_match_reference(cell, masked):
-    _compare_chunk(cell, steps=5, batch=3, hidden=13, dtype=F32, masked=masked)
+@pytest.mark.parametrize("path", PATHS)
+def test_chunk_kernels_match_reference(cell, masked, path):
+    _compare_chunk(cell, steps=5, batch=3, hidden=13, dtype=F32, masked=masked, path=path)
 
 
 @interpreted
@@ -147,15 +154,17 @@ def test_chunk_kernels_lstm_projection(proj, streamed):
 
 @interpreted
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
-def test_chunk_kernels_without_bias_or_mask(cell):
-    _compare_chunk(cell, steps=4, batch=2, hidden=16, dtype=F32, masked=False, bias=False)
+@pytest.mark.parametrize("path", PATHS)
+def test_chunk_kernels_without_bias_or_mask(cell, path):
+    _compare_chunk(cell, steps=4, batch=2, hidden=16, dtype=F32, masked=False, bias=False, path=path)
 
 
 @interpreted
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_chunk_kernels_low_precision(cell, dtype):
-    _compare_chunk(cell, steps=4, batch=3, hidden=12, dtype=dtype, masked=True)
+@pytest.mark.parametrize("path", PATHS)
+def test_chunk_kernels_low_precision(cell, dtype, path):
+    _compare_chunk(cell, steps=4, batch=3, hidden=12, dtype=dtype, masked=True, path=path)
 
 
 # ----------------------------------------------------------------------------- modules vs torch.nn

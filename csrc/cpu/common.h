@@ -89,23 +89,48 @@ inline const bool* valid_row(const bool* valid, int64_t t, int64_t batch) {
   return valid == nullptr ? nullptr : valid + t * batch;
 }
 
+// ----------------------------------------------------------------------------- kernel paths
+//
+// Every chunk op runs one of three kernel paths, named by its `path` argument. Which path a call
+// takes is decided in Python, in one place (fastbptt/dispatch.py: the registry and its rule;
+// fastbptt/native.py: what each path declines); the kernels run the path they are given.
+//   small-batch: per-step products as matrix-vector kernels parallel over W_hh (small_mm.cpp)
+//   packed:      GRU / LSTM (no projection) forward with W_hh packed per thread (packed_step.cpp);
+//                its backward runs as blas
+//   blas:        per-step products through ATen (MKL), then one fused row pass
+// small-batch and packed compute in float32 (bfloat16 is widened to it).
+enum class StepPath { small_batch, packed, blas };
+
+inline StepPath step_path(c10::string_view path, at::ScalarType dtype, const char* op) {
+  StepPath p;
+  if (path == "blas") return StepPath::blas;
+  if (path == "small-batch") {
+    p = StepPath::small_batch;
+  } else if (path == "packed") {
+    p = StepPath::packed;
+  } else {
+    TORCH_CHECK(false, op, ": path must be small-batch, packed or blas, got '", std::string(path), "'");
+  }
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, op, ": the ", std::string(path),
+              " kernels take float32 and bfloat16, got ", c10::toString(dtype));
+  return p;
+}
+
 // ----------------------------------------------------------------------------- recurrent products
 //
-// The per-step products of the chunk loops (csrc/cpu/small_mm.cpp). float32 batches of at most
-// kSmallBatch rows run a matrix-vector kernel parallel over W_hh; everything else is ATen (MKL).
-constexpr int64_t kSmallBatch = 2;
+// The per-step products of the chunk loops (csrc/cpu/small_mm.cpp): with `small_batch`, float32
+// products run a matrix-vector kernel parallel over W_hh; everything else is ATen (MKL).
 
 // out = base + a w^T: a [B, K], w [N, K], out [B, N]; base: [B, N], [N] (broadcast) or none
-void recurrent_mm(const Tensor& out, const std::optional<Tensor>& base, const Tensor& a, const Tensor& w);
+void recurrent_mm(const Tensor& out, const std::optional<Tensor>& base, const Tensor& a, const Tensor& w,
+                  bool small_batch);
 // dh += d w: d [B, N], w [N, K], dh [B, K]
-void recurrent_mm_acc(const Tensor& dh, const Tensor& d, const Tensor& w);
+void recurrent_mm_acc(const Tensor& dh, const Tensor& d, const Tensor& w, bool small_batch);
 
 // ----------------------------------------------------------------------------- fused per-step forward
 //
 // float32 GRU / LSTM (no projection) forward with W_hh packed per thread once per chunk and one
-// parallel region per step (csrc/cpu/packed_step.cpp). use_packed_step is the rule that picks it
-// over the MKL product + row pass (G: gates per unit, 3 or 4).
-bool use_packed_step(int64_t batch, int64_t H, int64_t G);
+// parallel region per step (csrc/cpu/packed_step.cpp): the packed path.
 // h, c: carried state (h0/c0 copies, contiguous); h is replaced by the final state, c updated in place
 void lstm_forward_packed_f32(const Tensor& gates_in, const Tensor& w_hh, const bool* valid, Tensor& h,
                              const Tensor& c, const Tensor& out, const std::optional<Tensor>& gates_out);

@@ -109,11 +109,11 @@ void gru_backward_rows_any(const double* gi, const double* gh, const double* h_p
 // gi: [C, B, 3H]; h0: [B, H]; w_hh: [3H, H]; b_hh: [3H]; out: [C, B, H]; gh_out: [C, B, 3H]
 template <typename T>
 Tensor gru_forward_impl(const Tensor& gi, const Tensor& h0, const Tensor& w_hh, const std::optional<Tensor>& b_hh,
-                        const bool* valid, const Tensor& out, const std::optional<Tensor>& gh_out) {
+                        const bool* valid, const Tensor& out, const std::optional<Tensor>& gh_out, StepPath path) {
   const int64_t steps = gi.size(0), batch = gi.size(1), H = h0.size(1);
   Tensor h = h0.clone();
   if constexpr (std::is_same_v<T, float>) {
-    if (use_packed_step(batch, H, 3)) {
+    if (path == StepPath::packed) {
       gru_forward_packed_f32(gi, w_hh, b_hh, valid, h, out, gh_out);
       return h;
     }
@@ -122,7 +122,7 @@ Tensor gru_forward_impl(const Tensor& gi, const Tensor& h0, const Tensor& w_hh, 
   const int64_t grain = row_grain(3 * H);
   for (int64_t t = 0; t < steps; ++t) {
     Tensor gh = gh_out.has_value() ? gh_out->select(0, t) : gh_buf;
-    recurrent_mm(gh, b_hh, h, w_hh);
+    recurrent_mm(gh, b_hh, h, w_hh, path == StepPath::small_batch);
     const T* p_gi = gi.data_ptr<T>() + t * batch * 3 * H;
     const T* p_gh = gh.data_ptr<T>();
     T* p_h = h.data_ptr<T>();
@@ -138,7 +138,7 @@ Tensor gru_forward_impl(const Tensor& gi, const Tensor& h0, const Tensor& w_hh, 
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor> gru_backward_impl(const Tensor& gi, const Tensor& gh, const Tensor& h_prev,
                                                      const Tensor& w_hh, const Tensor& grad_out,
-                                                     const Tensor& grad_h_n, const bool* valid) {
+                                                     const Tensor& grad_h_n, const bool* valid, StepPath path) {
   const int64_t steps = gi.size(0), batch = gi.size(1), H = h_prev.size(2);
   Tensor d_gi = at::empty_like(gi), d_gh = at::empty_like(gh);
   Tensor dh = grad_h_n.clone();
@@ -157,7 +157,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_backward_impl(const Tensor& gi, const Ten
       gru_backward_rows_any(p_gi, p_gh, p_hp, p_go, p_dh, p_dgi, p_dgh, v, H, b0, b1);
     });
     // padded rows have d_gh = 0, so they keep dh unchanged
-    recurrent_mm_acc(dh, d_gh.select(0, t), w_hh);
+    recurrent_mm_acc(dh, d_gh.select(0, t), w_hh, path == StepPath::small_batch);
   }
   return {d_gi, d_gh, dh};
 }
@@ -168,9 +168,11 @@ constexpr const char* kFwd = "fastbptt::gru_forward_chunk";
 constexpr const char* kBwd = "fastbptt::gru_backward_chunk";
 
 Tensor gru_forward_chunk(const Tensor& gi, const Tensor& h0, const Tensor& w_hh, const std::optional<Tensor>& b_hh,
-                         const std::optional<Tensor>& valid, const Tensor& out, const std::optional<Tensor>& gh_out) {
+                         const std::optional<Tensor>& valid, const Tensor& out, const std::optional<Tensor>& gh_out,
+                         c10::string_view path) {
   check_first(gi, kFwd, "gi");
   const auto dtype = gi.scalar_type();
+  const StepPath p = step_path(path, dtype, kFwd);
   const int64_t steps = gi.size(0), batch = gi.size(1);
   TORCH_CHECK(gi.size(2) % 3 == 0, kFwd, ": gi's last dimension must be 3 * hidden_size, got ", gi.size(2));
   const int64_t H = gi.size(2) / 3;
@@ -195,23 +197,25 @@ Tensor gru_forward_chunk(const Tensor& gi, const Tensor& h0, const Tensor& w_hh,
     Tensor out32 = at::empty(out.sizes(), out.options().dtype(at::kFloat));
     std::optional<Tensor> gh32;
     if (gh_out.has_value()) gh32 = at::empty(gh_out->sizes(), out32.options());
-    Tensor h = gru_forward_impl<float>(up(gi), up(h0), up(w_hh), up(b_hh), v, out32, gh32);
+    Tensor h = gru_forward_impl<float>(up(gi), up(h0), up(w_hh), up(b_hh), v, out32, gh32, p);
     out.copy_(out32);
     if (gh_out.has_value()) gh_out->copy_(*gh32);
     return h.to(dtype);
   }
   Tensor h;
   AT_DISPATCH_FLOATING_TYPES(dtype, "gru_forward_chunk", [&] {
-    h = gru_forward_impl<scalar_t>(gi, h0, w_hh, b_hh, v, out, gh_out);
+    h = gru_forward_impl<scalar_t>(gi, h0, w_hh, b_hh, v, out, gh_out, p);
   });
   return h;
 }
 
 std::tuple<Tensor, Tensor, Tensor> gru_backward_chunk(const Tensor& gi, const Tensor& gh, const Tensor& h_prev,
                                                       const Tensor& w_hh, const Tensor& grad_out,
-                                                      const Tensor& grad_h_n, const std::optional<Tensor>& valid) {
+                                                      const Tensor& grad_h_n, const std::optional<Tensor>& valid,
+                                                      c10::string_view path) {
   check_first(gi, kBwd, "gi");
   const auto dtype = gi.scalar_type();
+  const StepPath p = step_path(path, dtype, kBwd);
   const int64_t steps = gi.size(0), batch = gi.size(1);
   TORCH_CHECK(gi.size(2) % 3 == 0, kBwd, ": gi's last dimension must be 3 * hidden_size, got ", gi.size(2));
   const int64_t H = gi.size(2) / 3;
@@ -230,12 +234,12 @@ std::tuple<Tensor, Tensor, Tensor> gru_backward_chunk(const Tensor& gi, const Te
   const bool* v = valid_ptr(valid);
   if (dtype == at::kBFloat16) {
     auto [d_gi, d_gh, dh] = gru_backward_impl<float>(up(gi), up(gh), up(h_prev), up(w_hh), up(grad_out),
-                                                     up(grad_h_n), v);
+                                                     up(grad_h_n), v, p);
     return {d_gi.to(dtype), d_gh.to(dtype), dh.to(dtype)};
   }
   std::tuple<Tensor, Tensor, Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(dtype, "gru_backward_chunk", [&] {
-    result = gru_backward_impl<scalar_t>(gi, gh, h_prev, w_hh, grad_out, grad_h_n, v);
+    result = gru_backward_impl<scalar_t>(gi, gh, h_prev, w_hh, grad_out, grad_h_n, v, p);
   });
   return result;
 }

@@ -183,12 +183,12 @@ template <typename T>
 std::tuple<Tensor, Tensor> lstm_forward_impl(const Tensor& gates_in, const Tensor& h0, const Tensor& c0,
                                              const Tensor& w_hh, const std::optional<Tensor>& w_hr,
                                              const bool* valid, const Tensor& out,
-                                             const std::optional<Tensor>& gates_out) {
+                                             const std::optional<Tensor>& gates_out, StepPath path) {
   const int64_t steps = gates_in.size(0), batch = gates_in.size(1), H = c0.size(1), P = h0.size(1);
-  const bool proj = w_hr.has_value();
+  const bool proj = w_hr.has_value(), small = path == StepPath::small_batch;
   Tensor h = h0.clone(), c = c0.clone();
   if constexpr (std::is_same_v<T, float>) {
-    if (!proj && use_packed_step(batch, H, 4)) {
+    if (path == StepPath::packed) {  // never with a projection: the op checks
       lstm_forward_packed_f32(gates_in, w_hh, valid, h, c, out, gates_out);
       return {h, c};
     }
@@ -200,7 +200,7 @@ std::tuple<Tensor, Tensor> lstm_forward_impl(const Tensor& gates_in, const Tenso
   const int64_t grain = row_grain(4 * H);
   for (int64_t t = 0; t < steps; ++t) {
     Tensor g = gates_out.has_value() ? gates_out->select(0, t) : gates_buf;
-    recurrent_mm(g, gates_in.select(0, t), h, w_hh);
+    recurrent_mm(g, gates_in.select(0, t), h, w_hh, small);
     Tensor out_t = out.select(0, t);
     const bool* v = valid_row(valid, t, batch);
     const T* p_g = g.data_ptr<T>();
@@ -213,10 +213,10 @@ std::tuple<Tensor, Tensor> lstm_forward_impl(const Tensor& gates_in, const Tenso
     });
     if (proj) {
       if (v == nullptr) {
-        recurrent_mm(out_t, std::nullopt, m, *w_hr);
+        recurrent_mm(out_t, std::nullopt, m, *w_hr, small);
         h.copy_(out_t);
       } else {
-        recurrent_mm(h_proj, std::nullopt, m, *w_hr);
+        recurrent_mm(h_proj, std::nullopt, m, *w_hr, small);
         const T* p_hp = h_proj.data_ptr<T>();
         T* p_h = h.data_ptr<T>();
         T* p_o = out_t.data_ptr<T>();
@@ -237,7 +237,8 @@ template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward_impl(const Tensor& gates, const Tensor& c0,
                                                               const Tensor& w_hh, const std::optional<Tensor>& w_hr,
                                                               const Tensor& grad_out, const Tensor& grad_h_n,
-                                                              const Tensor& grad_c_n, const bool* valid) {
+                                                              const Tensor& grad_c_n, const bool* valid,
+                                                              StepPath path) {
   const int64_t steps = gates.size(0), batch = gates.size(1), H = c0.size(1), P = grad_h_n.size(1);
   const bool proj = w_hr.has_value();
   // c_states[t] is the cell state step t started from; m_all only with a projection
@@ -278,7 +279,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward_impl(const Tensor& gate
       backward_rows(p_g, p_cp, p_cn, p_dm, !proj, p_go, p_dh, p_dc, p_dg, v, H, b0, b1);
     });
     // valid rows of dh were zeroed, padded rows have d_gates = 0 and keep dh
-    recurrent_mm_acc(dh, d_gates.select(0, t), w_hh);
+    recurrent_mm_acc(dh, d_gates.select(0, t), w_hh, path == StepPath::small_batch);
   }
   Tensor grad_w_hr = proj ? at::mm(dh_all.reshape({steps * batch, P}).t(), m_all.reshape({steps * batch, H}))
                           : at::empty({0}, gates.options());
@@ -303,9 +304,12 @@ void check_projection(const std::optional<Tensor>& w_hr, int64_t P, int64_t H, a
 std::tuple<Tensor, Tensor> lstm_forward_chunk(const Tensor& gates_in, const Tensor& h0, const Tensor& c0,
                                               const Tensor& w_hh, const std::optional<Tensor>& w_hr,
                                               const std::optional<Tensor>& valid, const Tensor& out,
-                                              const std::optional<Tensor>& gates_out) {
+                                              const std::optional<Tensor>& gates_out, c10::string_view path) {
   check_first(gates_in, kFwd, "gates_in");
   const auto dtype = gates_in.scalar_type();
+  const StepPath p = step_path(path, dtype, kFwd);
+  TORCH_CHECK(!(p == StepPath::packed && w_hr.has_value()), kFwd,
+              ": the packed path exists for LSTM without projection, but w_hr was given");
   const int64_t steps = gates_in.size(0), batch = gates_in.size(1);
   TORCH_CHECK(gates_in.size(2) % 4 == 0, kFwd, ": gates_in's last dimension must be 4 * hidden_size, got ",
               gates_in.size(2));
@@ -331,14 +335,14 @@ std::tuple<Tensor, Tensor> lstm_forward_chunk(const Tensor& gates_in, const Tens
     Tensor out32 = at::empty(out.sizes(), out.options().dtype(at::kFloat));
     std::optional<Tensor> g32;
     if (gates_out.has_value()) g32 = at::empty(gates_out->sizes(), out32.options());
-    auto [h, c] = lstm_forward_impl<float>(up(gates_in), up(h0), up(c0), up(w_hh), up(w_hr), v, out32, g32);
+    auto [h, c] = lstm_forward_impl<float>(up(gates_in), up(h0), up(c0), up(w_hh), up(w_hr), v, out32, g32, p);
     out.copy_(out32);
     if (gates_out.has_value()) gates_out->copy_(*g32);
     return {h.to(dtype), c.to(dtype)};
   }
   std::tuple<Tensor, Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(dtype, "lstm_forward_chunk", [&] {
-    result = lstm_forward_impl<scalar_t>(gates_in, h0, c0, w_hh, w_hr, v, out, gates_out);
+    result = lstm_forward_impl<scalar_t>(gates_in, h0, c0, w_hh, w_hr, v, out, gates_out, p);
   });
   return result;
 }
@@ -347,9 +351,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward_chunk(const Tensor& gat
                                                                const Tensor& w_hh, const std::optional<Tensor>& w_hr,
                                                                const Tensor& grad_out, const Tensor& grad_h_n,
                                                                const Tensor& grad_c_n,
-                                                               const std::optional<Tensor>& valid) {
+                                                               const std::optional<Tensor>& valid,
+                                                               c10::string_view path) {
   check_first(gates, kBwd, "gates");
   const auto dtype = gates.scalar_type();
+  const StepPath p = step_path(path, dtype, kBwd);
   const int64_t steps = gates.size(0), batch = gates.size(1);
   TORCH_CHECK(gates.size(2) % 4 == 0, kBwd, ": gates' last dimension must be 4 * hidden_size, got ",
               gates.size(2));
@@ -371,12 +377,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward_chunk(const Tensor& gat
   const bool* v = valid_ptr(valid);
   if (dtype == at::kBFloat16) {
     auto [dg, dh, dc, dw] = lstm_backward_impl<float>(up(gates), up(c0), up(w_hh), up(w_hr), up(grad_out),
-                                                      up(grad_h_n), up(grad_c_n), v);
+                                                      up(grad_h_n), up(grad_c_n), v, p);
     return {dg.to(dtype), dh.to(dtype), dc.to(dtype), dw.to(dtype)};
   }
   std::tuple<Tensor, Tensor, Tensor, Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(dtype, "lstm_backward_chunk", [&] {
-    result = lstm_backward_impl<scalar_t>(gates, c0, w_hh, w_hr, grad_out, grad_h_n, grad_c_n, v);
+    result = lstm_backward_impl<scalar_t>(gates, c0, w_hh, w_hr, grad_out, grad_h_n, grad_c_n, v, p);
   });
   return result;
 }

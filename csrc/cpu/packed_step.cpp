@@ -1,5 +1,5 @@
-// Fused per-step forward for float32 GRU and LSTM (no projection) with B > kSmallBatch
-// (csrc/cpu/common.h: use_packed_step, gru_forward_packed_f32, lstm_forward_packed_f32).
+// The packed path: fused per-step forward for float32 GRU and LSTM (no projection)
+// (csrc/cpu/common.h: gru_forward_packed_f32, lstm_forward_packed_f32).
 //
 // Once per chunk W_hh is packed into one block per thread: the hidden units are split into one
 // contiguous slice per thread, and the rows of all G gates of a slice's units are stored
@@ -14,7 +14,6 @@
 // results do not depend on the thread count.
 #include "common.h"
 
-#include <cstdlib>
 #include <vector>
 
 namespace fastbptt {
@@ -232,26 +231,7 @@ FASTBPTT_CLONES void gru_slice_step(const Slice& s, const float* gi, const float
   }
 }
 
-// FASTBPTT_CPU_STEP=packed / mkl forces a path (tests, benchmarks); anything else: the rule.
-int forced_path() {
-  const char* e = std::getenv("FASTBPTT_CPU_STEP");
-  if (e == nullptr) return 0;
-  if (std::strcmp(e, "packed") == 0) return 1;
-  if (std::strcmp(e, "mkl") == 0) return -1;
-  return 0;
-}
-
 }  // namespace
-
-// The rule (AMD EPYC, 2 threads, docs/cpu.md): the packed path was faster than MKL + row pass at
-// every float32 shape measured with more than kSmallBatch rows (B 4-256, H 64-1024, GRU and LSTM:
-// 1.2x at B=256 H=256 up to 4.8x at B=4), so it takes every such batch; B <= 2 keeps the
-// matrix-vector kernels of small_mm.cpp.
-bool use_packed_step(int64_t batch, int64_t H, int64_t G) {
-  if (batch <= kSmallBatch || H < 1 || G < 1) return false;
-  const int f = forced_path();
-  return f >= 0;
-}
 
 void lstm_forward_packed_f32(const Tensor& gates_in, const Tensor& w_hh, const bool* valid, Tensor& h,
                              const Tensor& c, const Tensor& out, const std::optional<Tensor>& gates_out) {

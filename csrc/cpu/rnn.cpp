@@ -96,13 +96,13 @@ void backward_rows(const double* out, const double* grad_out, double* dh, double
 // pre_in: [C, B, H]; h0: [B, H]; w_hh: [H, H]; out: [C, B, H]
 template <typename T>
 Tensor rnn_forward_impl(const Tensor& pre_in, const Tensor& h0, const Tensor& w_hh, const bool* valid,
-                        const Tensor& out, bool relu) {
+                        const Tensor& out, bool relu, bool small_batch) {
   const int64_t steps = pre_in.size(0), batch = pre_in.size(1), H = h0.size(1);
   Tensor h = h0.clone();
   Tensor pre = at::empty({batch, H}, pre_in.options());
   const int64_t grain = row_grain(4 * H);  // one activation per unit: cheaper rows than GRU/LSTM
   for (int64_t t = 0; t < steps; ++t) {
-    recurrent_mm(pre, pre_in.select(0, t), h, w_hh);
+    recurrent_mm(pre, pre_in.select(0, t), h, w_hh, small_batch);
     const T* p_pre = pre.data_ptr<T>();
     T* p_h = h.data_ptr<T>();
     T* p_out = out.data_ptr<T>() + t * batch * H;
@@ -116,7 +116,8 @@ Tensor rnn_forward_impl(const Tensor& pre_in, const Tensor& h0, const Tensor& w_
 
 template <typename T>
 std::tuple<Tensor, Tensor> rnn_backward_impl(const Tensor& out, const Tensor& w_hh, const Tensor& grad_out,
-                                             const Tensor& grad_h_n, const bool* valid, bool relu) {
+                                             const Tensor& grad_h_n, const bool* valid, bool relu,
+                                             bool small_batch) {
   const int64_t steps = out.size(0), batch = out.size(1), H = out.size(2);
   Tensor d_pre = at::empty_like(out);
   Tensor dh = grad_h_n.clone();
@@ -131,7 +132,7 @@ std::tuple<Tensor, Tensor> rnn_backward_impl(const Tensor& out, const Tensor& w_
       backward_rows(p_out, p_go, p_dh, p_dp, v, relu, H, b0, b1);
     });
     // valid rows of dh were zeroed; padded rows have d_pre = 0 and keep dh
-    recurrent_mm_acc(dh, d_pre.select(0, t), w_hh);
+    recurrent_mm_acc(dh, d_pre.select(0, t), w_hh, small_batch);
   }
   return {d_pre, dh};
 }
@@ -141,10 +142,17 @@ std::tuple<Tensor, Tensor> rnn_backward_impl(const Tensor& out, const Tensor& w_
 constexpr const char* kFwd = "fastbptt::rnn_forward_chunk";
 constexpr const char* kBwd = "fastbptt::rnn_backward_chunk";
 
+bool rnn_small_batch(c10::string_view path, at::ScalarType dtype, const char* op) {
+  const StepPath p = step_path(path, dtype, op);
+  TORCH_CHECK(p != StepPath::packed, op, ": the packed path exists for GRU and LSTM without projection, not the RNN");
+  return p == StepPath::small_batch;
+}
+
 Tensor rnn_forward_chunk(const Tensor& pre_in, const Tensor& h0, const Tensor& w_hh,
-                         const std::optional<Tensor>& valid, const Tensor& out, bool relu) {
+                         const std::optional<Tensor>& valid, const Tensor& out, bool relu, c10::string_view path) {
   check_first(pre_in, kFwd, "pre_in");
   const auto dtype = pre_in.scalar_type();
+  const bool small = rnn_small_batch(path, dtype, kFwd);
   const int64_t steps = pre_in.size(0), batch = pre_in.size(1), H = pre_in.size(2);
   check_cpu_tensor(pre_in, kFwd, "pre_in", dtype, 3);
   check_cpu_tensor(h0, kFwd, "h0", dtype, 2);
@@ -157,22 +165,23 @@ Tensor rnn_forward_chunk(const Tensor& pre_in, const Tensor& h0, const Tensor& w
   const bool* v = valid_ptr(valid);
   if (dtype == at::kBFloat16) {
     Tensor out32 = at::empty(out.sizes(), out.options().dtype(at::kFloat));
-    Tensor h = rnn_forward_impl<float>(up(pre_in), up(h0), up(w_hh), v, out32, relu);
+    Tensor h = rnn_forward_impl<float>(up(pre_in), up(h0), up(w_hh), v, out32, relu, small);
     out.copy_(out32);
     return h.to(dtype);
   }
   Tensor h;
   AT_DISPATCH_FLOATING_TYPES(dtype, "rnn_forward_chunk", [&] {
-    h = rnn_forward_impl<scalar_t>(pre_in, h0, w_hh, v, out, relu);
+    h = rnn_forward_impl<scalar_t>(pre_in, h0, w_hh, v, out, relu, small);
   });
   return h;
 }
 
 std::tuple<Tensor, Tensor> rnn_backward_chunk(const Tensor& out, const Tensor& w_hh, const Tensor& grad_out,
                                               const Tensor& grad_h_n, const std::optional<Tensor>& valid,
-                                              bool relu) {
+                                              bool relu, c10::string_view path) {
   check_first(out, kBwd, "out");
   const auto dtype = out.scalar_type();
+  const bool small = rnn_small_batch(path, dtype, kBwd);
   const int64_t steps = out.size(0), batch = out.size(1), H = out.size(2);
   check_cpu_tensor(out, kBwd, "out", dtype, 3);
   check_cpu_tensor(w_hh, kBwd, "w_hh", dtype, 2);
@@ -184,12 +193,12 @@ std::tuple<Tensor, Tensor> rnn_backward_chunk(const Tensor& out, const Tensor& w
   check_valid(valid, steps, batch, kBwd);
   const bool* v = valid_ptr(valid);
   if (dtype == at::kBFloat16) {
-    auto [d_pre, dh] = rnn_backward_impl<float>(up(out), up(w_hh), up(grad_out), up(grad_h_n), v, relu);
+    auto [d_pre, dh] = rnn_backward_impl<float>(up(out), up(w_hh), up(grad_out), up(grad_h_n), v, relu, small);
     return {d_pre.to(dtype), dh.to(dtype)};
   }
   std::tuple<Tensor, Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(dtype, "rnn_backward_chunk", [&] {
-    result = rnn_backward_impl<scalar_t>(out, w_hh, grad_out, grad_h_n, v, relu);
+    result = rnn_backward_impl<scalar_t>(out, w_hh, grad_out, grad_h_n, v, relu, small);
   });
   return result;
 }

@@ -70,14 +70,15 @@ FASTBPTT_CLONES void mm_nn_acc_cols_f32(float* __restrict__ dh, const float* __r
 // Multiply-adds per parallel task: enough to pay for a fork.
 constexpr int64_t kTaskWork = 1 << 16;
 
-bool use_small_path(const Tensor& a, const Tensor& w) {
-  return a.scalar_type() == at::kFloat && a.size(0) <= kSmallBatch && a.is_contiguous() && w.is_contiguous();
+bool use_small_path(bool small_batch, const Tensor& a, const Tensor& w) {
+  return small_batch && a.scalar_type() == at::kFloat && a.is_contiguous() && w.is_contiguous();
 }
 
 }  // namespace
 
-void recurrent_mm(const Tensor& out, const std::optional<Tensor>& base, const Tensor& a, const Tensor& w) {
-  if (!use_small_path(a, w) || !out.is_contiguous() || (base.has_value() && !base->is_contiguous())) {
+void recurrent_mm(const Tensor& out, const std::optional<Tensor>& base, const Tensor& a, const Tensor& w,
+                  bool small_batch) {
+  if (!use_small_path(small_batch, a, w) || !out.is_contiguous() || (base.has_value() && !base->is_contiguous())) {
     if (base.has_value()) {
       at::addmm_out(const_cast<Tensor&>(out), *base, a, w.t());
     } else {
@@ -97,8 +98,8 @@ void recurrent_mm(const Tensor& out, const std::optional<Tensor>& base, const Te
   });
 }
 
-void recurrent_mm_acc(const Tensor& dh, const Tensor& d, const Tensor& w) {
-  if (!use_small_path(d, w) || !dh.is_contiguous()) {
+void recurrent_mm_acc(const Tensor& dh, const Tensor& d, const Tensor& w, bool small_batch) {
+  if (!use_small_path(small_batch, d, w) || !dh.is_contiguous()) {
     const_cast<Tensor&>(dh).addmm_(d, w);
     return;
   }

@@ -8,8 +8,9 @@
 // as the reference does. No per-step allocation and no atomics: results are bitwise
 // reproducible run to run.
 //
-// Persistent path (GRU, LSTM without projection): one cooperative launch per chunk, chosen by FASTBPTT_CUDA_PATH
-// (standard | persistent | auto; default standard). See docs/cuda.md.
+// Persistent path (GRU, LSTM without projection): one cooperative launch per chunk. Each op runs the
+// path named by its `path` argument (standard | persistent), chosen by the backend registry in
+// Python (fastbptt/dispatch.py). See docs/cuda.md.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -18,7 +19,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -102,17 +102,7 @@ cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(
 // out [B,N] = a [B,K] @ w_t, where w_t = W^T is a view of W [N,K] made once per chunk.
 void mm_into(Tensor& out, const Tensor& a, const Tensor& w_t) { at::mm_out(out, a, w_t); }
 
-// ----------------------------------------------------------------------------- path choice
-
-constexpr int64_t kAutoPersistentMaxBatch = 64;  // placeholder until measured on a GPU
-
-std::string path_mode() {
-  const char* env = std::getenv("FASTBPTT_CUDA_PATH");
-  std::string mode = env == nullptr || *env == '\0' ? "standard" : env;
-  TORCH_CHECK(mode == "standard" || mode == "persistent" || mode == "auto",
-              "FASTBPTT_CUDA_PATH must be standard, persistent or auto, got '", mode, "'");
-  return mode;
-}
+// ----------------------------------------------------------------------------- kernel path
 
 // Why the persistent kernel of `cell` cannot take this case, or "" if it can.
 std::string persistent_decline(const char* cell, Dtype dt, int64_t B, int64_t H) {
@@ -120,27 +110,25 @@ std::string persistent_decline(const char* cell, Dtype dt, int64_t B, int64_t H)
   if (name == "gru") return persistent_gru_decline(dt, B, H);
   if (name == "lstm") return persistent_lstm_decline(dt, B, H);
   if (name == "lstm_proj") return "the persistent LSTM kernel does not support a projection (proj_size > 0)";
-  return "there is no persistent kernel for this cell yet";
+  return "there is no persistent kernel for the RNN cell yet";
 }
 
-// True when this call runs the persistent kernel. A forced path that cannot run raises with the
-// reason (a clean decline, nothing launched); auto falls back to the standard path.
-bool use_persistent(const char* cell, Dtype dt, int64_t B, int64_t H) {
-  const std::string mode = path_mode();
-  if (mode == "standard") return false;
+// True when the op was asked for the persistent path (`path` is chosen in Python: the backend
+// registry's rule, fastbptt/dispatch.py). One that cannot take the case raises with the reason
+// before anything is launched; the registry asks persistent_decline_for first, so this only
+// catches a direct call.
+bool runs_persistent(const char* op, c10::string_view path, const char* cell, Dtype dt, int64_t B, int64_t H) {
+  if (path == "standard") return false;
+  TORCH_CHECK(path == "persistent", op, ": path must be standard or persistent, got '", std::string(path), "'");
   const std::string why = persistent_decline(cell, dt, B, H);
-  if (mode == "persistent") {
-    TORCH_CHECK(why.empty(), "FASTBPTT_CUDA_PATH=persistent, but the persistent ", cell, " kernel declines B=", B,
-                ", H=", H, ": ", why, ". Use FASTBPTT_CUDA_PATH=auto to fall back to the standard path.");
-    return true;
-  }
-  return why.empty() && B <= kAutoPersistentMaxBatch;
+  TORCH_CHECK(why.empty(), op, ": the persistent ", cell, " kernel declines B=", B, ", H=", H, ": ", why);
+  return true;
 }
 
 // ----------------------------------------------------------------------------- RNN
 
 Tensor rnn_forward_chunk_cuda(const Tensor& pre_in, const Tensor& h0, const Tensor& w_hh, const OptTensor& valid,
-                              Tensor& out, bool relu) {
+                              Tensor& out, bool relu, c10::string_view path) {
   const char* op = "fastbptt::rnn_forward_chunk";
   check_rank(op, pre_in, "pre_in", 3);
   const int64_t C = pre_in.size(0), B = pre_in.size(1), H = pre_in.size(2);
@@ -153,8 +141,7 @@ Tensor rnn_forward_chunk_cuda(const Tensor& pre_in, const Tensor& h0, const Tens
   const c10::cuda::CUDAGuard guard(pre_in.device());
   const cudaStream_t stream = current_stream();
   const Dtype dt = dtype_of(pre_in);
-  // No persistent rnn kernel yet: FASTBPTT_CUDA_PATH=persistent declines with the reason.
-  TORCH_INTERNAL_ASSERT(!use_persistent("rnn", dt, B, H));
+  runs_persistent(op, path, "rnn", dt, B, H);  // no persistent RNN kernel: raises for "persistent"
 
   const Tensor w_t = to_acc(w_hh).t();
   Tensor h = fresh_acc(h0);
@@ -168,7 +155,8 @@ Tensor rnn_forward_chunk_cuda(const Tensor& pre_in, const Tensor& h0, const Tens
 }
 
 std::tuple<Tensor, Tensor> rnn_backward_chunk_cuda(const Tensor& out, const Tensor& w_hh, const Tensor& grad_out,
-                                                   const Tensor& grad_h_n, const OptTensor& valid, bool relu) {
+                                                   const Tensor& grad_h_n, const OptTensor& valid, bool relu,
+                                                   c10::string_view path) {
   const char* op = "fastbptt::rnn_backward_chunk";
   check_rank(op, out, "out", 3);
   const int64_t C = out.size(0), B = out.size(1), H = out.size(2);
@@ -181,8 +169,7 @@ std::tuple<Tensor, Tensor> rnn_backward_chunk_cuda(const Tensor& out, const Tens
   const c10::cuda::CUDAGuard guard(out.device());
   const cudaStream_t stream = current_stream();
   const Dtype dt = dtype_of(out);
-  // No persistent rnn kernel yet: FASTBPTT_CUDA_PATH=persistent declines with the reason.
-  TORCH_INTERNAL_ASSERT(!use_persistent("rnn", dt, B, H));
+  runs_persistent(op, path, "rnn", dt, B, H);  // no persistent RNN kernel: raises for "persistent"
 
   const Tensor w = to_acc(w_hh);
   Tensor dh = fresh_acc(grad_h_n);
@@ -199,7 +186,7 @@ std::tuple<Tensor, Tensor> rnn_backward_chunk_cuda(const Tensor& out, const Tens
 // ----------------------------------------------------------------------------- GRU
 
 Tensor gru_forward_chunk_cuda(const Tensor& gi, const Tensor& h0, const Tensor& w_hh, const OptTensor& b_hh,
-                              const OptTensor& valid, Tensor& out, const OptTensor& gh_out) {
+                              const OptTensor& valid, Tensor& out, const OptTensor& gh_out, c10::string_view path) {
   const char* op = "fastbptt::gru_forward_chunk";
   check_rank(op, gi, "gi", 3);
   TORCH_CHECK(gi.size(2) % 3 == 0, op, ": gi must have 3H columns, got ", gi.size(2));
@@ -217,7 +204,7 @@ Tensor gru_forward_chunk_cuda(const Tensor& gi, const Tensor& h0, const Tensor& 
   const Dtype dt = dtype_of(gi);
   const void* bias = b_hh.has_value() ? b_hh->data_ptr() : nullptr;
 
-  if (C > 0 && use_persistent("gru", dt, B, H)) {
+  if (runs_persistent(op, path, "gru", dt, B, H) && C > 0) {
     Tensor h_buf = at::empty({2, B, H}, gi.options().dtype(at::kFloat));
     h_buf.select(0, 0).copy_(h0);
     const std::string err = persistent_gru_forward(dt, gi.data_ptr(), w_hh.data_ptr(), bias, v, out.data_ptr(),
@@ -239,7 +226,8 @@ Tensor gru_forward_chunk_cuda(const Tensor& gi, const Tensor& h0, const Tensor& 
 
 std::tuple<Tensor, Tensor, Tensor> gru_backward_chunk_cuda(const Tensor& gi, const Tensor& gh, const Tensor& h_prev,
                                                            const Tensor& w_hh, const Tensor& grad_out,
-                                                           const Tensor& grad_h_n, const OptTensor& valid) {
+                                                           const Tensor& grad_h_n, const OptTensor& valid,
+                                                           c10::string_view path) {
   const char* op = "fastbptt::gru_backward_chunk";
   check_rank(op, gi, "gi", 3);
   TORCH_CHECK(gi.size(2) % 3 == 0, op, ": gi must have 3H columns, got ", gi.size(2));
@@ -257,7 +245,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_backward_chunk_cuda(const Tensor& gi, con
   const Dtype dt = dtype_of(gi);
   Tensor grad_gi = at::empty_like(gi), grad_gh = at::empty_like(gh);
 
-  if (C > 0 && use_persistent("gru", dt, B, H)) {
+  if (runs_persistent(op, path, "gru", dt, B, H) && C > 0) {
     Tensor dh = grad_h_n.to(at::kFloat, false, /*copy=*/true);
     Tensor dgh_buf = at::empty({2, B, 3 * H}, dh.options());
     const std::string err =
@@ -283,7 +271,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_backward_chunk_cuda(const Tensor& gi, con
 
 std::tuple<Tensor, Tensor> lstm_forward_chunk_cuda(const Tensor& gates_in, const Tensor& h0, const Tensor& c0,
                                                    const Tensor& w_hh, const OptTensor& w_hr, const OptTensor& valid,
-                                                   Tensor& out, const OptTensor& gates_out) {
+                                                   Tensor& out, const OptTensor& gates_out, c10::string_view path) {
   const char* op = "fastbptt::lstm_forward_chunk";
   check_rank(op, gates_in, "gates_in", 3);
   check_rank(op, h0, "h0", 2);
@@ -303,7 +291,7 @@ std::tuple<Tensor, Tensor> lstm_forward_chunk_cuda(const Tensor& gates_in, const
   const cudaStream_t stream = current_stream();
   const Dtype dt = dtype_of(gates_in);
 
-  if (C > 0 && use_persistent(w_hr.has_value() ? "lstm_proj" : "lstm", dt, B, H)) {
+  if (runs_persistent(op, path, w_hr.has_value() ? "lstm_proj" : "lstm", dt, B, H) && C > 0) {
     Tensor h_buf = at::empty({2, B, H}, gates_in.options().dtype(at::kFloat));
     h_buf.select(0, 0).copy_(h0);
     Tensor c = c0.to(at::kFloat, false, /*copy=*/true);
@@ -340,7 +328,8 @@ std::tuple<Tensor, Tensor> lstm_forward_chunk_cuda(const Tensor& gates_in, const
 std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward_chunk_cuda(const Tensor& gates, const Tensor& c0,
                                                                     const Tensor& w_hh, const OptTensor& w_hr,
                                                                     const Tensor& grad_out, const Tensor& grad_h_n,
-                                                                    const Tensor& grad_c_n, const OptTensor& valid) {
+                                                                    const Tensor& grad_c_n, const OptTensor& valid,
+                                                                    c10::string_view path) {
   const char* op = "fastbptt::lstm_backward_chunk";
   check_rank(op, gates, "gates", 3);
   check_rank(op, grad_h_n, "grad_h_n", 2);
@@ -362,7 +351,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward_chunk_cuda(const Tensor
   const Dtype dt = dtype_of(gates);
   const bool proj = w_hr.has_value();
 
-  if (C > 0 && use_persistent(proj ? "lstm_proj" : "lstm", dt, B, H)) {
+  if (runs_persistent(op, path, proj ? "lstm_proj" : "lstm", dt, B, H) && C > 0) {
     Tensor dh = grad_h_n.to(at::kFloat, false, /*copy=*/true), dc = grad_c_n.to(at::kFloat, false, /*copy=*/true);
     Tensor c_states = at::empty({C + 1, B, H}, dh.options()), d_buf = at::empty({2, B, 4 * H}, dh.options());
     Tensor grad_gates = at::empty_like(gates);
@@ -408,6 +397,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward_chunk_cuda(const Tensor
 }
 
 }  // namespace
+
+// Bound in csrc/ops.cpp as fastbptt._C.persistent_decline, for the backend registry.
+std::string persistent_decline_for(const std::string& cell, const std::string& dtype, int64_t batch,
+                                   int64_t hidden) {
+  Dtype dt;
+  if (dtype == "float32") {
+    dt = Dtype::f32;
+  } else if (dtype == "float16") {
+    dt = Dtype::f16;
+  } else if (dtype == "bfloat16") {
+    dt = Dtype::bf16;
+  } else if (dtype == "float64") {
+    dt = Dtype::f64;
+  } else {
+    TORCH_CHECK(false, "persistent_decline: dtype must be float32, float16, bfloat16 or float64, got '", dtype, "'");
+  }
+  TORCH_CHECK(batch >= 1 && hidden >= 1, "persistent_decline: batch and hidden must be positive, got ", batch, " and ",
+              hidden);
+  return persistent_decline(cell.c_str(), dt, batch, hidden);
+}
+
 }  // namespace cuda
 }  // namespace fastbptt
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import cells, dispatch
@@ -144,9 +143,9 @@ def gru_gate_store(gates: Tensor) -> tuple[Tensor, Tensor]:
 def _forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
              b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Optional[Tensor], lengths: Optional[Tensor],
              reverse: bool, chunk_size: int, recompute: bool, backend: str):
-    kern = dispatch.kernels(backend)
     steps, batch, _ = x.shape
     hidden = w_hh.shape[0] // cells.NUM_GATES[cell]
+    kern = dispatch.bound_kernels(backend, cell, x.dtype, batch, hidden, 0 if w_hr is None else w_hr.shape[0])
     valid = valid_mask(lengths, steps, reverse, x.device)
     out_p = x.new_empty(steps, batch, h0.shape[-1])
     width = 0 if recompute else saved_gate_width(cell, hidden)
@@ -185,9 +184,9 @@ def _backward(cell: str, grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Optional[
               w_hr: Optional[Tensor], lengths: Optional[Tensor], out: Tensor, c_chunks: Optional[Tensor],
               gates: Tensor, reverse: bool, chunk_size: int, backend: str, output_mask: Sequence[bool]):
     """Returns gradients for (x, h0, [c0], w_ih, w_hh, b_ih, b_hh, [w_hr]); empty where not wanted."""
-    kern = dispatch.kernels(backend)
     steps, batch = x.shape[0], x.shape[1]
     hidden = w_hh.shape[0] // cells.NUM_GATES[cell]
+    kern = dispatch.bound_kernels(backend, cell, x.dtype, batch, hidden, 0 if w_hr is None else w_hr.shape[0])
     lstm = cell == "lstm"
     want_x, want_h0 = output_mask[0], output_mask[1]
     want_c0 = output_mask[2] if lstm else False

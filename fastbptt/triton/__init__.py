@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..dispatch import BACKENDS
+
 INSTALL = "pip install triton (or pip install 'fastbptt[triton]')"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -51,36 +53,53 @@ def supports(name: str, cell: str, dtype: torch.dtype, hidden_size: int, proj_si
     return ""
 
 
+def path_decline(name: str, path: str, cell: str, dtype: torch.dtype, batch: int, hidden_size: int,
+                 proj_size: int) -> str:
+    """'' when kernel ``path`` ("resident", "streamed") takes the case, else why not."""
+    if path == "resident":
+        from .common import MAX_BLOCK_N, fits_one_tile  # imports Triton: only once kernels are wanted
+
+        if not fits_one_tile(hidden_size, proj_size or hidden_size):
+            return f"hidden size {max(hidden_size, proj_size)} does not fit one {MAX_BLOCK_N}-wide tile"
+    return ""
+
+
 def _kernels(cell: str):
     return importlib.import_module(f"{__name__}.{cell}")
 
 
+# The kernel contract of fastbptt.reference, with the kernel path as a last keyword; a direct call
+# without one (tests) runs the backend's last path, which takes every case.
+STREAMED = BACKENDS["triton"].paths[-1].name
+
+
 def rnn_forward(pre_in: Tensor, h0: Tensor, w_hh: Tensor, valid: Optional[Tensor], out: Tensor,
-                relu: bool) -> Tensor:
-    return _kernels("rnn").rnn_forward(pre_in, h0, w_hh, valid, out, relu)
+                relu: bool, path: str = STREAMED) -> Tensor:
+    return _kernels("rnn").rnn_forward(pre_in, h0, w_hh, valid, out, relu, path)
 
 
 def rnn_backward(out: Tensor, w_hh: Tensor, grad_out: Tensor, grad_h_n: Tensor, valid: Optional[Tensor],
-                 relu: bool) -> tuple[Tensor, Tensor]:
-    return _kernels("rnn").rnn_backward(out, w_hh, grad_out, grad_h_n, valid, relu)
+                 relu: bool, path: str = STREAMED) -> tuple[Tensor, Tensor]:
+    return _kernels("rnn").rnn_backward(out, w_hh, grad_out, grad_h_n, valid, relu, path)
 
 
 def gru_forward(gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], valid: Optional[Tensor],
-                out: Tensor, gh_out: Optional[Tensor] = None) -> Tensor:
-    return _kernels("gru").gru_forward(gi, h0, w_hh, b_hh, valid, out, gh_out)
+                out: Tensor, gh_out: Optional[Tensor] = None, path: str = STREAMED) -> Tensor:
+    return _kernels("gru").gru_forward(gi, h0, w_hh, b_hh, valid, out, gh_out, path)
 
 
 def gru_backward(gi: Tensor, gh: Tensor, h_prev: Tensor, w_hh: Tensor, grad_out: Tensor, grad_h_n: Tensor,
-                 valid: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels("gru").gru_backward(gi, gh, h_prev, w_hh, grad_out, grad_h_n, valid)
+                 valid: Optional[Tensor], path: str = STREAMED) -> tuple[Tensor, Tensor, Tensor]:
+    return _kernels("gru").gru_backward(gi, gh, h_prev, w_hh, grad_out, grad_h_n, valid, path)
 
 
 def lstm_forward(gates_in: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[Tensor],
-                 valid: Optional[Tensor], out: Tensor, gates_out: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    return _kernels("lstm").lstm_forward(gates_in, h0, c0, w_hh, w_hr, valid, out, gates_out)
+                 valid: Optional[Tensor], out: Tensor, gates_out: Optional[Tensor] = None,
+                 path: str = STREAMED) -> tuple[Tensor, Tensor]:
+    return _kernels("lstm").lstm_forward(gates_in, h0, c0, w_hh, w_hr, valid, out, gates_out, path)
 
 
 def lstm_backward(gates: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], grad_out: Tensor,
-                  grad_h_n: Tensor, grad_c_n: Tensor,
-                  valid: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-    return _kernels("lstm").lstm_backward(gates, c0, w_hh, w_hr, grad_out, grad_h_n, grad_c_n, valid)
+                  grad_h_n: Tensor, grad_c_n: Tensor, valid: Optional[Tensor],
+                  path: str = STREAMED) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    return _kernels("lstm").lstm_backward(gates, c0, w_hh, w_hr, grad_out, grad_h_n, grad_c_n, valid, path)

@@ -44,11 +44,23 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
-def block_sizes(batch: int, *sizes: int) -> tuple[int, int, bool]:
-    """(BLOCK_B, BLOCK_N, RESIDENT) for a batch and the hidden/projection sizes of a cell."""
+def fits_one_tile(*sizes: int) -> bool:
+    """Whether a cell with these hidden/projection sizes has W_hh tiles that fit one tile, which the
+    resident path needs."""
+    return max(sizes) <= MAX_BLOCK_N
+
+
+def block_sizes(batch: int, *sizes: int, path: str) -> tuple[int, int, bool]:
+    """(BLOCK_B, BLOCK_N, RESIDENT) for a batch, the hidden/projection sizes of a cell and the
+    kernel path: "resident" (W_hh's tiles held in registers; the sizes must fit one tile) or
+    "streamed" (tiles reloaded each step)."""
+    if path not in ("resident", "streamed"):
+        raise ValueError(f"path must be 'resident' or 'streamed', got {path!r}")
+    if path == "resident" and not fits_one_tile(*sizes):
+        raise ValueError(f"the resident path needs sizes {sizes} to fit one tile of {MAX_BLOCK_N}")
     block_b = _pow2(batch, MIN_BLOCK, MAX_BLOCK_B)
     block_n = _pow2(max(sizes), MIN_BLOCK, MAX_BLOCK_N)
-    return block_b, block_n, max(sizes) <= block_n
+    return block_b, block_n, path == "resident"
 
 
 def precision() -> str:

@@ -156,13 +156,13 @@ def gru_backward_kernel(
 
 
 def gru_forward(gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], valid: Optional[Tensor],
-                out: Tensor, gh_out: Optional[Tensor] = None) -> Tensor:
+                out: Tensor, gh_out: Optional[Tensor], path: str) -> Tensor:
     steps, batch, _ = gi.shape
     hidden = h0.shape[-1]
     check_launch(gi, h0, w_hh, b_hh, out, gh_out)
     state = scratch(2, batch, hidden, like=gi)
     state[0].copy_(h0)
-    block_b, block_n, resident = block_sizes(batch, hidden)
+    block_b, block_n, resident = block_sizes(batch, hidden, path=path)
     p_valid, has_valid = valid_arg(valid, gi)
     gru_forward_kernel[grid(batch, block_b)](
         gi, w_hh, b_hh if b_hh is not None else w_hh, p_valid, out, gh_out if gh_out is not None else gi, state,
@@ -173,7 +173,7 @@ def gru_forward(gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], va
 
 
 def gru_backward(gi: Tensor, gh: Tensor, h_prev: Tensor, w_hh: Tensor, grad_out: Tensor, grad_h_n: Tensor,
-                 valid: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+                 valid: Optional[Tensor], path: str) -> tuple[Tensor, Tensor, Tensor]:
     steps, batch, _ = gi.shape
     hidden = h_prev.shape[-1]
     check_launch(gi, gh, h_prev, w_hh, grad_out, grad_h_n)
@@ -181,7 +181,7 @@ def gru_backward(gi: Tensor, gh: Tensor, h_prev: Tensor, w_hh: Tensor, grad_out:
     dh = grad_h_n.to(torch.float32, copy=True)
     direct = scratch(batch, hidden, like=gi)
     dg = scratch(batch, 3 * hidden, like=gi)
-    block_b, block_n, resident = block_sizes(batch, hidden)
+    block_b, block_n, resident = block_sizes(batch, hidden, path=path)
     p_valid, has_valid = valid_arg(valid, gi)
     gru_backward_kernel[grid(batch, block_b)](
         gi, gh, h_prev, w_hh, grad_out, p_valid, grad_gi, grad_gh, dh, direct, dg,

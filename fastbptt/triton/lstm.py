@@ -235,7 +235,7 @@ def lstm_backward_kernel(
 
 
 def lstm_forward(gates_in: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[Tensor],
-                 valid: Optional[Tensor], out: Tensor, gates_out: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                 valid: Optional[Tensor], out: Tensor, gates_out: Optional[Tensor], path: str) -> tuple[Tensor, Tensor]:
     steps, batch, _ = gates_in.shape
     hidden, out_size = c0.shape[-1], h0.shape[-1]
     check_launch(gates_in, h0, c0, w_hh, w_hr, out, gates_out)
@@ -245,7 +245,7 @@ def lstm_forward(gates_in: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: O
     c[0].copy_(c0)
     proj = w_hr is not None
     m = scratch(batch, hidden, like=gates_in) if proj else c
-    block_b, block_n, resident = block_sizes(batch, hidden, out_size)
+    block_b, block_n, resident = block_sizes(batch, hidden, out_size, path=path)
     p_valid, has_valid = valid_arg(valid, gates_in)
     lstm_forward_kernel[grid(batch, block_b)](
         gates_in, w_hh, w_hr if proj else w_hh, p_valid, out, gates_out if gates_out is not None else gates_in,
@@ -257,8 +257,8 @@ def lstm_forward(gates_in: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: O
 
 
 def lstm_backward(gates: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], grad_out: Tensor,
-                  grad_h_n: Tensor, grad_c_n: Tensor,
-                  valid: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+                  grad_h_n: Tensor, grad_c_n: Tensor, valid: Optional[Tensor],
+                  path: str) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     steps, batch, _ = gates.shape
     hidden, out_size = c0.shape[-1], grad_h_n.shape[-1]
     check_launch(gates, c0, w_hh, w_hr, grad_out, grad_h_n, grad_c_n)
@@ -273,7 +273,7 @@ def lstm_backward(gates: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[Tensor
     proj = w_hr is not None
     dht = scratch(steps, batch, out_size, like=gates) if proj else dg
     m_all = scratch(steps, batch, hidden, like=gates) if proj else dg
-    block_b, block_n, resident = block_sizes(batch, hidden, out_size)
+    block_b, block_n, resident = block_sizes(batch, hidden, out_size, path=path)
     p_valid, has_valid = valid_arg(valid, gates)
     lstm_backward_kernel[grid(batch, block_b)](
         gates, w_hh, w_hr if proj else w_hh, grad_out, p_valid, grad_gates, c_all, dh, dc, dg, dht, m_all,

@@ -107,12 +107,12 @@ def rnn_backward_kernel(
 
 
 def rnn_forward(pre_in: Tensor, h0: Tensor, w_hh: Tensor, valid: Optional[Tensor], out: Tensor,
-                relu: bool) -> Tensor:
+                relu: bool, path: str) -> Tensor:
     steps, batch, hidden = pre_in.shape
     check_launch(pre_in, h0, w_hh, out)
     state = scratch(2, batch, hidden, like=pre_in)
     state[0].copy_(h0)
-    block_b, block_n, resident = block_sizes(batch, hidden)
+    block_b, block_n, resident = block_sizes(batch, hidden, path=path)
     p_valid, has_valid = valid_arg(valid, pre_in)
     rnn_forward_kernel[grid(batch, block_b)](
         pre_in, w_hh, p_valid, out, state, steps, batch, hidden,
@@ -122,14 +122,14 @@ def rnn_forward(pre_in: Tensor, h0: Tensor, w_hh: Tensor, valid: Optional[Tensor
 
 
 def rnn_backward(out: Tensor, w_hh: Tensor, grad_out: Tensor, grad_h_n: Tensor, valid: Optional[Tensor],
-                 relu: bool) -> tuple[Tensor, Tensor]:
+                 relu: bool, path: str) -> tuple[Tensor, Tensor]:
     steps, batch, hidden = out.shape
     check_launch(out, w_hh, grad_out, grad_h_n)
     grad_pre = torch.empty_like(out)
     dh = scratch(2, batch, hidden, like=out)
     dh[0].copy_(grad_h_n)
     dg = scratch(batch, hidden, like=out)
-    block_b, block_n, resident = block_sizes(batch, hidden)
+    block_b, block_n, resident = block_sizes(batch, hidden, path=path)
     p_valid, has_valid = valid_arg(valid, out)
     rnn_backward_kernel[grid(batch, block_b)](
         out, w_hh, grad_out, p_valid, grad_pre, dh, dg, steps, batch, hidden,
