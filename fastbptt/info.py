@@ -35,17 +35,51 @@ def report() -> str:
     else:
         lines.append("GPU      none visible")
     lines.append("")
-    lines.append("backends:")
+    lines.append("backends (BACKEND:PATH forces one kernel path; otherwise the first path that takes the case, "
+                 "within its batch limit, runs):")
     for name, spec in dispatch.BACKENDS.items():
         reason = dispatch.availability(name)
         state = "available" if not reason else f"unavailable: {reason}"
         lines.append(f"  {name:<10} {spec.summary:<50} {state}")
+        lines.extend(path_lines(spec, available=not reason))
     lines.append("")
     lines.append("backend='auto' picks, in order:")
     for device, order in dispatch.PREFERENCE.items():
         chosen = next((n for n in order if not dispatch.availability(n)), "reference")
         lines.append(f"  {device:<5} {' > '.join(order)}  -> {chosen}")
     return "\n".join(lines)
+
+
+# Cases the paths are asked about, to list what each declines: (cell, projection) x dtype
+PROBE_CELLS = (("rnn_tanh", 0), ("gru", 0), ("lstm", 0), ("lstm", 4))
+PROBE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+PROBE_HIDDEN = (16, 1024)
+
+
+def path_lines(spec: dispatch.BackendSpec, available: bool) -> list[str]:
+    """One line per kernel path: its name, when the rule takes it, what it is; then, where the
+    backend runs here, what it declines (asked of the backend itself) and, for the persistent CUDA
+    kernel, its capacity on this GPU."""
+    lines = []
+    for path in spec.paths:
+        when = ("only when forced" if path.auto_max_batch == 0 else
+                "any batch" if path.auto_max_batch is None else f"B <= {path.auto_max_batch}")
+        lines.append(f"    {spec.name + ':' + path.name:<18} {when:<17} {path.summary}")
+        if not available:
+            continue
+        reasons = {dispatch.path_decline(spec.name, path.name, cell, dtype, 4, hidden, proj)
+                   for cell, proj in PROBE_CELLS for dtype in PROBE_DTYPES for hidden in PROBE_HIDDEN
+                   if not dispatch.decline_reason(spec.name, cell, spec.devices[0], dtype, hidden, proj)}
+        reasons.discard("")
+        if reasons:
+            lines.append(f"      declines: {'; '.join(sorted(reasons))}")
+        if path.name == "persistent":
+            from .native import persistent_capacity
+
+            caps = ", ".join(f"{str(dt).removeprefix('torch.')} H <= {persistent_capacity(cell, dt, 16)}"
+                             for cell in ("gru", "lstm") for dt in (torch.float32, torch.bfloat16))
+            lines.append(f"      capacity on this GPU at B=16 (GRU, then LSTM): {caps}")
+    return lines
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

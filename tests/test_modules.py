@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastbptt
-from fastbptt import info
+from fastbptt import dispatch, info
 
 PAIRS = [(torch.nn.RNN, fastbptt.RNN), (torch.nn.GRU, fastbptt.GRU), (torch.nn.LSTM, fastbptt.LSTM)]
 CONFIGS = [dict(), dict(num_layers=3, bidirectional=True, bias=False), dict(num_layers=2, batch_first=True, dropout=0.1)]
@@ -117,9 +117,15 @@ def test_info_reports_every_backend():
     text = info.report()
     for name in ("reference", "cpu", "cuda", "triton"):
         assert f"  {name} " in text
+    for spec in dispatch.BACKENDS.values():  # every kernel path, with when the rule takes it
+        for path in spec.paths:
+            assert f"    {spec.name}:{path.name} " in text
+    assert "cuda:persistent    only when forced" in text and "cpu:small-batch    B <= 2" in text
+    if not dispatch.availability("cpu"):  # what a path declines is asked of the backend itself
+        assert "declines: the packed forward exists for GRU and for LSTM without projection" in text
     assert "torch" in text and "backend='auto' picks" in text
     out = subprocess.run([sys.executable, "-m", "fastbptt.info"], capture_output=True, text=True, check=True).stdout
-    assert "backends:" in out
+    assert "backends (BACKEND:PATH forces" in out
 
 
 def test_works_without_the_compiled_extension():
