@@ -182,7 +182,8 @@ if [[ $MODE != quick ]]; then
     "$PYTHON" -m fastbptt bench --preset gpu-kernels --out "$OUT_DIR" --budget "$budget" ${BENCH_ARGS:-} \
       2>&1 | tee -a "$LOG"
     status=${PIPESTATUS[0]}
-    # the records of this run, by status; any record that failed or could not run fails the stage
+    # the records of this run, by status; a failed record fails the stage ("unavailable" is a
+    # kernel path declining a case, with its reason in the JSON)
     counts="$("$PYTHON" - "$OUT_DIR" 2>&1 <<'PY'
 import collections, glob, json, os, sys
 paths = sorted(glob.glob(os.path.join(sys.argv[1], "gpu-kernels-*.json")), key=os.path.getmtime)
@@ -192,7 +193,7 @@ records = json.load(open(paths[-1]))["records"]
 counts = collections.Counter(r["status"] for r in records)
 print(f"{os.path.basename(paths[-1])}: {len(records)} records, "
       + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
-sys.exit(3 if counts["failed"] or counts["unavailable"] else 0)
+sys.exit(3 if counts["failed"] else 0)
 PY
 )"
     counted=$?

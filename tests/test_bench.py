@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fastbptt.reference
+from fastbptt import dispatch
 from fastbptt.bench import cli, config, report, runner
 from fastbptt.bench.config import Candidate, Case
 
@@ -82,6 +83,17 @@ def test_backend_that_cannot_run_here_is_unavailable_with_the_reason():
     assert rec["status"] == "unavailable" and rec["error"]
 
 
+@pytest.mark.skipif(bool(dispatch.availability("cpu")), reason="needs the C++ CPU kernels")
+def test_records_name_the_kernel_path_and_a_forced_path_that_declines_is_unavailable():
+    cands = [Candidate("fastbptt", "cpu", 2, True), Candidate("fastbptt", "cpu:packed", 2, True)]
+    gru = run(Case("gru", "train", **TINY), cands, reps=1)  # B=2: the rule takes the small-batch path
+    assert gru["fastbptt[cpu,C=2,recompute]"]["notes"]["kernel_path"] == "small-batch"
+    assert gru["fastbptt[cpu:packed,C=2,recompute]"]["notes"]["kernel_path"] == "packed"
+    rnn = run(Case("rnn_relu", "train", **TINY), cands, reps=1)
+    rec = rnn["fastbptt[cpu:packed,C=2,recompute]"]
+    assert rec["status"] == "unavailable" and "the packed forward exists for GRU" in rec["error"]
+
+
 def test_compile_failure_is_reported(monkeypatch):
     def no_compile(*args, **kwargs):
         raise RuntimeError("inductor is not usable here")
@@ -138,7 +150,8 @@ def test_presets_expand():
     assert {(c.cell, c.mode, c.steps) for c, _ in memory_only} == {("gru", "train", 4096), ("lstm", "train", 4096)}
     for case, cands in gpu:
         labels = {x.label for x in cands}
-        assert {"torch.nn", "fastbptt[cuda,C=64,recompute]", "fastbptt[triton,C=64,recompute]"} <= labels
+        assert {"torch.nn", "fastbptt[cuda,C=64,recompute]", "fastbptt[cuda:persistent,C=64,recompute]",
+                "fastbptt[triton,C=64,recompute]"} <= labels
         # the compiled loop in timed training; both memory policies wherever a backward runs
         assert ("torch.compile" in labels) == (case.timed and case.mode == "train")
         assert ("fastbptt[cuda,C=64,keep-gates]" in labels) == (case.mode == "train")

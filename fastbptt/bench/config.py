@@ -223,8 +223,9 @@ GPU_SHAPES = ((256, 1024, 256), (16, 768, 1024), (64, 512, 512))
 
 
 def _gpu_kernels(device: str) -> Plan:
-    # fastbptt 'cuda' and 'triton' against torch.nn (cuDNN); the compiled cell loop in training
-    kw = dict(cells=("gru", "lstm"), dtypes=("float32", "bfloat16"), backends=("cuda", "triton"),
+    # fastbptt 'cuda' (the rule's path, and the persistent path forced) and 'triton' against torch.nn
+    # (cuDNN); the compiled cell loop in training
+    kw = dict(cells=("gru", "lstm"), dtypes=("float32", "bfloat16"), backends=("cuda", "cuda:persistent", "triton"),
               chunk_sizes=(64,), recompute=(True, False))
     grids = [
         # peak memory of one training step at a long sequence, first: cheap, and a target of its own
@@ -237,8 +238,8 @@ def _gpu_kernels(device: str) -> Plan:
         grids.append(Grid(**{**kw, "recompute": (True,)}, modes=("infer",), batch=(b,), hidden=(h,), steps=(t,),
                           baselines=("torch.nn",)))
     return Plan("gpu-kernels", grids, device, warmup=2, reps=10,
-                description="fastbptt 'cuda' and 'triton' vs torch.nn (cuDNN) and a compiled cell loop: forward, "
-                            "forward+backward, inference and peak training memory",
+                description="fastbptt 'cuda' (standard and persistent paths) and 'triton' vs torch.nn (cuDNN) and a "
+                            "compiled cell loop: forward, forward+backward, inference and peak training memory",
                 out_dir=os.path.join("benchmarks", "results"),
                 plots=(("speedup", "batch"), ("time_per_step", "batch"), ("memory", "batch")))
 

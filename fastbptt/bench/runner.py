@@ -146,8 +146,9 @@ def build_bench(case: Case, cand: Candidate, module: nn.Module, x: Tensor, grad_
     reason = dispatch.availability(name) if name != "auto" else ""
     if reason:
         raise Unavailable(reason)
-    try:  # the case itself (device, dtype, size) may be declined
-        notes["resolved_backend"] = dispatch.resolve(name, case.cell, x, case.hidden, 0)
+    try:  # the case itself (device, dtype, size, a forced path's capacity) may be declined
+        notes["resolved_backend"] = resolved = dispatch.resolve(name, case.cell, x, case.hidden, 0)
+        notes["kernel_path"] = dispatch.choose_path(resolved, case.cell, x.dtype, case.batch, case.hidden, 0)
     except dispatch.BackendUnavailable as exc:
         raise Unavailable(str(exc)) from None
     m = MODULE_OF_CELL[case.cell](case.input_size, case.hidden, **_module_kwargs(case), chunk_size=cand.chunk_size,
