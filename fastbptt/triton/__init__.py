@@ -70,36 +70,36 @@ def _kernels(cell: str):
 
 # The kernel contract of fastbptt.reference, with the kernel path as a last keyword; a direct call
 # without one (tests) runs the backend's last path, which takes every case.
-STREAMED = BACKENDS["triton"].paths[-1].name
+DEFAULT_PATH = BACKENDS["triton"].paths[-1].name
 
 
 def rnn_forward(pre_in: Tensor, h0: Tensor, w_hh: Tensor, valid: Optional[Tensor], out: Tensor,
-                relu: bool, path: str = STREAMED) -> Tensor:
+                relu: bool, path: str = DEFAULT_PATH) -> Tensor:
     return _kernels("rnn").rnn_forward(pre_in, h0, w_hh, valid, out, relu, path)
 
 
 def rnn_backward(out: Tensor, w_hh: Tensor, grad_out: Tensor, grad_h_n: Tensor, valid: Optional[Tensor],
-                 relu: bool, path: str = STREAMED) -> tuple[Tensor, Tensor]:
+                 relu: bool, path: str = DEFAULT_PATH) -> tuple[Tensor, Tensor]:
     return _kernels("rnn").rnn_backward(out, w_hh, grad_out, grad_h_n, valid, relu, path)
 
 
 def gru_forward(gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], valid: Optional[Tensor],
-                out: Tensor, gh_out: Optional[Tensor] = None, path: str = STREAMED) -> Tensor:
+                out: Tensor, gh_out: Optional[Tensor] = None, path: str = DEFAULT_PATH) -> Tensor:
     return _kernels("gru").gru_forward(gi, h0, w_hh, b_hh, valid, out, gh_out, path)
 
 
 def gru_backward(gi: Tensor, gh: Tensor, h_prev: Tensor, w_hh: Tensor, grad_out: Tensor, grad_h_n: Tensor,
-                 valid: Optional[Tensor], path: str = STREAMED) -> tuple[Tensor, Tensor, Tensor]:
+                 valid: Optional[Tensor], path: str = DEFAULT_PATH) -> tuple[Tensor, Tensor, Tensor]:
     return _kernels("gru").gru_backward(gi, gh, h_prev, w_hh, grad_out, grad_h_n, valid, path)
 
 
 def lstm_forward(gates_in: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[Tensor],
                  valid: Optional[Tensor], out: Tensor, gates_out: Optional[Tensor] = None,
-                 path: str = STREAMED) -> tuple[Tensor, Tensor]:
+                 path: str = DEFAULT_PATH) -> tuple[Tensor, Tensor]:
     return _kernels("lstm").lstm_forward(gates_in, h0, c0, w_hh, w_hr, valid, out, gates_out, path)
 
 
 def lstm_backward(gates: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[Tensor], grad_out: Tensor,
                   grad_h_n: Tensor, grad_c_n: Tensor, valid: Optional[Tensor],
-                  path: str = STREAMED) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+                  path: str = DEFAULT_PATH) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     return _kernels("lstm").lstm_backward(gates, c0, w_hh, w_hr, grad_out, grad_h_n, grad_c_n, valid, path)
