@@ -24,20 +24,54 @@ their ``*_backward`` twins are the hand-derived gradients that every kernel repr
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-CELLS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
-NUM_GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
-GATE_NAMES = {"rnn_tanh": ("h",), "rnn_relu": ("h",), "gru": ("r", "z", "n"), "lstm": ("i", "f", "g", "o")}
 
-# torch.nn.RNNBase.mode -> cell name
-CELL_OF_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "GRU": "gru", "LSTM": "lstm"}
+@dataclass(frozen=True)
+class CellSpec:
+    """What the op layer, the fake kernels and the benchmarks need to know about a cell."""
+    name: str                     # "rnn_tanh", "rnn_relu", "gru", "lstm"
+    mode: str                     # torch.nn.RNNBase.mode
+    kernel: str                   # kernel family: the prefix of its kernels ("rnn", "gru", "lstm")
+    gate_names: tuple[str, ...]   # the G blocks of H rows of W_ih / W_hh, in torch.nn's order
+    # columns per hidden unit kept per step with recompute off: GRU keeps gi and gh (b_hn sits
+    # inside r * (.), so gh cannot be folded into gi), LSTM the gate sums, RNN nothing (its
+    # backward needs only the output)
+    saved_per_unit: int
+    folds_hidden_bias: bool       # b_hh can be added to gi once (RNN, LSTM); not GRU
+    has_cell_state: bool          # LSTM: carries c beside h, and may project h (W_hr)
+    relu: bool = False            # RNN nonlinearity
+
+    @property
+    def num_gates(self) -> int:
+        return len(self.gate_names)
+
+    def saved_width(self, hidden: int) -> int:
+        """Columns of the ``gates`` buffer the forward keeps per step with recompute off."""
+        return self.saved_per_unit * hidden
 
 
-def folds_hidden_bias(cell: str) -> bool:
-    """True when ``b_hh`` can be added to ``gi`` (RNN, LSTM); GRU keeps ``b_hn`` inside ``r * (.)``."""
-    return cell != "gru"
+SPECS: dict[str, CellSpec] = {spec.name: spec for spec in (
+    CellSpec("rnn_tanh", "RNN_TANH", "rnn", ("h",), 0, folds_hidden_bias=True, has_cell_state=False),
+    CellSpec("rnn_relu", "RNN_RELU", "rnn", ("h",), 0, folds_hidden_bias=True, has_cell_state=False, relu=True),
+    CellSpec("gru", "GRU", "gru", ("r", "z", "n"), 6, folds_hidden_bias=False, has_cell_state=False),
+    CellSpec("lstm", "LSTM", "lstm", ("i", "f", "g", "o"), 4, folds_hidden_bias=True, has_cell_state=True),
+)}
+
+CELLS = tuple(SPECS)
+NUM_GATES = {name: spec.num_gates for name, spec in SPECS.items()}
+CELL_OF_MODE = {spec.mode: name for name, spec in SPECS.items()}   # torch.nn.RNNBase.mode -> cell
+
+
+def spec(cell: str) -> CellSpec:
+    """The spec of ``cell``; a clear error for an unknown name."""
+    try:
+        return SPECS[cell]
+    except KeyError:
+        raise ValueError(f"cell must be one of {CELLS}, got {cell!r}") from None
 
 
 # ----------------------------------------------------------------------------- forward steps

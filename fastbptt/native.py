@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .cells import SPECS
 from .dispatch import BACKENDS
 
 try:
@@ -105,7 +106,7 @@ def persistent_decline(cell: str, dtype: torch.dtype, batch: int, hidden_size: i
     """Why the persistent CUDA kernel cannot take the case on the current GPU, or ''. Its capacity
     (W_hh's slice in each block's shared memory, one co-resident block per SM at most) is
     computed from the device's properties by the extension."""
-    if cell.startswith("rnn"):
+    if SPECS[cell].kernel == "rnn":
         return "there is no persistent kernel for the RNN cell yet"
     if proj_size:
         return "the persistent LSTM kernel does not support a projection (proj_size > 0)"

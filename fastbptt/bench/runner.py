@@ -95,7 +95,7 @@ def compiled_cell_loop(module: nn.RNNBase, cell: str) -> Callable[[Tensor], Tens
     """x: [T, B, I] -> output [T, B, D*H], the same maths as ``module`` (with biases)."""
     torch._dynamo.reset()  # a fresh cache per case: no recompile limit, no stale guards
     step = torch.compile(STEPS[cell], dynamic=False, fullgraph=True)
-    lstm = cell == "lstm"
+    lstm = cells.SPECS[cell].has_cell_state
     directions = 2 if module.bidirectional else 1
 
     def run(x: Tensor) -> Tensor:

@@ -60,8 +60,7 @@ def recurrent_layer(cell: str, x: Tensor, hx: Tensor, weight_ih: Tensor, weight_
     Returns (output [T, B, P], h_n [B, P]) and, for LSTM, c_n [B, H] as a third item.
     Padded steps (t >= lengths[b]) output zeros and leave the state unchanged.
     """
-    if cell not in cells.CELLS:
-        raise ValueError(f"cell must be one of {cells.CELLS}, got {cell!r}")
+    spec = cells.spec(cell)
     check_chunk_size(chunk_size)
     dispatch.check_backend_name(backend)
     if x.dim() != 3:
@@ -71,7 +70,7 @@ def recurrent_layer(cell: str, x: Tensor, hx: Tensor, weight_ih: Tensor, weight_
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN (the input's time dimension is empty)")
     if not x.is_floating_point():
         raise TypeError(f"input must be a floating point tensor, got {x.dtype}")
-    gates = cells.NUM_GATES[cell]
+    gates = spec.num_gates
     hidden = weight_hh.shape[0] // gates
     out_size = weight_hr.shape[0] if weight_hr is not None else hidden
     _check_tensor("weight_ih", weight_ih, (gates * hidden, input_size), x)
@@ -81,7 +80,7 @@ def recurrent_layer(cell: str, x: Tensor, hx: Tensor, weight_ih: Tensor, weight_
     if (bias_ih is None) != (bias_hh is None):
         raise ValueError("bias_ih and bias_hh must be given together")
     _check_tensor("hidden state hx", hx, (batch, out_size), x)
-    if cell == "lstm":
+    if spec.has_cell_state:
         if cx is None:
             raise ValueError("an LSTM layer needs the cell state cx")
         _check_tensor("cell state cx", cx, (batch, hidden), x)
@@ -92,7 +91,7 @@ def recurrent_layer(cell: str, x: Tensor, hx: Tensor, weight_ih: Tensor, weight_
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
         # inference: nothing is kept for a backward, so one chunk spans the sequence, no gates kept
         chunk_size, recompute = steps, True
-    if cell == "lstm":
+    if spec.has_cell_state:
         out, h_n, c_n, _, _ = torch.ops.fastbptt.lstm(x, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
                                                       lengths, reverse, chunk_size, recompute, name)
         return out, h_n, c_n

@@ -64,10 +64,10 @@ def previous_states(out_p: Tensor, h0: Tensor, valid: Optional[Tensor], s0: int,
     return torch.where(prev_valid[..., None], prev, h0)
 
 
-def input_bias(cell: str, b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Optional[Tensor]:
+def input_bias(spec: cells.CellSpec, b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Optional[Tensor]:
     if b_ih is None:
         return None
-    return b_ih + b_hh if cells.folds_hidden_bias(cell) else b_ih
+    return b_ih + b_hh if spec.folds_hidden_bias else b_ih
 
 
 def flatten(t: Tensor) -> Tensor:
@@ -127,11 +127,6 @@ class _GradAccumulator:
 
 # ----------------------------------------------------------------------------- forward
 
-def saved_gate_width(cell: str, hidden: int) -> int:
-    """Columns kept per step with recompute off: GRU keeps gi and gh, LSTM the gate sums."""
-    return {"rnn_tanh": 0, "rnn_relu": 0, "gru": 6 * hidden, "lstm": 4 * hidden}[cell]
-
-
 def gru_gate_store(gates: Tensor) -> tuple[Tensor, Tensor]:
     """The GRU's saved ``gates: [T, B, 6H]`` buffer read as (gi [T, B, 3H], gh [T, B, 3H]), each
     contiguous: the storage holds all of gi, then all of gh, so kernels write straight into it."""
@@ -143,20 +138,21 @@ def gru_gate_store(gates: Tensor) -> tuple[Tensor, Tensor]:
 def _forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
              b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Optional[Tensor], lengths: Optional[Tensor],
              reverse: bool, chunk_size: int, recompute: bool, backend: str):
+    spec = cells.SPECS[cell]
     steps, batch, _ = x.shape
-    hidden = w_hh.shape[0] // cells.NUM_GATES[cell]
+    hidden = w_hh.shape[0] // spec.num_gates
     kern = dispatch.bound_kernels(backend, cell, x.dtype, batch, hidden, 0 if w_hr is None else w_hr.shape[0])
     valid = valid_mask(lengths, steps, reverse, x.device)
     out_p = x.new_empty(steps, batch, h0.shape[-1])
-    width = 0 if recompute else saved_gate_width(cell, hidden)
+    width = 0 if recompute else spec.saved_width(hidden)
     gates = x.new_empty(steps, batch, width) if width else x.new_empty(EMPTY)
-    gi_store, gh_store = gru_gate_store(gates) if width and cell == "gru" else (None, None)
-    bias = input_bias(cell, b_ih, b_hh)
+    gi_store, gh_store = gru_gate_store(gates) if width and spec.kernel == "gru" else (None, None)
+    bias = input_bias(spec, b_ih, b_hh)
     w_hh, w_hr = w_hh.contiguous(), (None if w_hr is None else w_hr.contiguous())
     h, c = h0.contiguous(), (None if c0 is None else c0.contiguous())
     bounds = chunk_bounds(steps, chunk_size)
-    c_chunks = x.new_empty(len(bounds), batch, hidden) if cell == "lstm" else None
-    gate_cols = cells.NUM_GATES[cell] * hidden
+    c_chunks = x.new_empty(len(bounds), batch, hidden) if spec.has_cell_state else None
+    gate_cols = spec.num_gates * hidden
     gi_buf = x.new_empty(bounds[0][1], batch, gate_cols) if gi_store is None else None  # reused by every chunk
     for k, (s0, s1) in enumerate(bounds):
         # the input projection of the chunk, straight into the saved gates with recompute off
@@ -164,15 +160,15 @@ def _forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tenso
         linear_into(gi, time_slice(x, s0, s1, reverse), w_ih, bias)
         v = None if valid is None else valid[s0:s1]
         out = out_p[s0:s1]
-        if cell == "gru":
+        if spec.kernel == "gru":
             h = kern.gru_forward(gi, h, w_hh, b_hh, v, out, None if gh_store is None else gh_store[s0:s1])
-        elif cell == "lstm":
+        elif spec.kernel == "lstm":
             c_chunks[k] = c
             h, c = kern.lstm_forward(gi, h, c, w_hh, w_hr, v, out, gates[s0:s1] if width else None)
         else:
-            h = kern.rnn_forward(gi, h, w_hh, v, out, cell == "rnn_relu")
+            h = kern.rnn_forward(gi, h, w_hh, v, out, spec.relu)
     out = out_p.flip(0) if reverse else out_p
-    if cell == "lstm":
+    if spec.has_cell_state:
         return out, h, c, c_chunks, gates
     return out, h, gates
 
@@ -182,22 +178,24 @@ def _forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tenso
 def _backward(cell: str, grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Optional[Tensor], x: Tensor, h0: Tensor,
               c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
               w_hr: Optional[Tensor], lengths: Optional[Tensor], out: Tensor, c_chunks: Optional[Tensor],
-              gates: Tensor, reverse: bool, chunk_size: int, backend: str, output_mask: Sequence[bool]):
-    """Returns gradients for (x, h0, [c0], w_ih, w_hh, b_ih, b_hh, [w_hr]); empty where not wanted."""
+              gates: Tensor, reverse: bool, chunk_size: int, recompute: bool, backend: str,
+              output_mask: Sequence[bool]):
+    """Returns gradients for (x, h0, [c0], w_ih, w_hh, b_ih, b_hh, [w_hr]); empty where not wanted.
+    ``gates`` is what the forward kept with recompute off (empty with it on)."""
+    spec = cells.SPECS[cell]
     steps, batch = x.shape[0], x.shape[1]
-    hidden = w_hh.shape[0] // cells.NUM_GATES[cell]
+    hidden = w_hh.shape[0] // spec.num_gates
     kern = dispatch.bound_kernels(backend, cell, x.dtype, batch, hidden, 0 if w_hr is None else w_hr.shape[0])
-    lstm = cell == "lstm"
+    lstm, gru = spec.has_cell_state, spec.kernel == "gru"
     want_x, want_h0 = output_mask[0], output_mask[1]
     want_c0 = output_mask[2] if lstm else False
     rest = output_mask[3:] if lstm else output_mask[2:]
     want_w_ih, want_w_hh, want_b_ih, want_b_hh = rest[:4]
     want_w_hr = lstm and w_hr is not None and rest[4]
-    recompute = gates.numel() == 0
     valid = valid_mask(lengths, steps, reverse, x.device)
     out_p = out.flip(0) if reverse else out
     grad_out_p = (grad_out.flip(0) if reverse else grad_out).contiguous()
-    bias = input_bias(cell, b_ih, b_hh)
+    bias = input_bias(spec, b_ih, b_hh)
     w_hh_c, w_hr_c = w_hh.contiguous(), (None if w_hr is None else w_hr.contiguous())
 
     grad_x = torch.empty_like(x) if want_x else x.new_empty(EMPTY)  # x's strides, as the fake kernel says
@@ -209,19 +207,20 @@ def _backward(cell: str, grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Optional[
     dc = grad_c_n.contiguous() if lstm else None
 
     bounds = chunk_bounds(steps, chunk_size)
-    gi_store, gh_store = gru_gate_store(gates) if cell == "gru" and not recompute else (None, None)
-    # recomputed pre-activations of a chunk, one buffer reused by every chunk: [C, B, G*H] (GRU: gi and gh)
-    recompute_buf = (x.new_empty(2 if cell == "gru" else 1, bounds[0][1], batch, w_hh.shape[0])
-                     if recompute and cell in ("gru", "lstm") else None)
+    gi_store, gh_store = gru_gate_store(gates) if gru and not recompute else (None, None)
+    # recomputed pre-activations of a chunk, one buffer reused by every chunk: [C, B, G*H] (GRU: gi and gh;
+    # the RNN's backward needs only its outputs)
+    recompute_buf = (x.new_empty(2 if gru else 1, bounds[0][1], batch, w_hh.shape[0])
+                     if recompute and spec.saved_per_unit else None)
     for k in reversed(range(len(bounds))):
         s0, s1 = bounds[k]
         x_c = time_slice(x, s0, s1, reverse)
         x_c = x_c.reshape(-1, x_c.shape[-1])  # [C*B, I], copied once only if x is strided
         v = None if valid is None else valid[s0:s1]
         g_out = grad_out_p[s0:s1]
-        need_h_prev = cell == "gru" or want_w_hh or (lstm and recompute)
+        need_h_prev = gru or want_w_hh or (lstm and recompute)
         h_prev = previous_states(out_p, h0, valid, s0, s1) if need_h_prev else None
-        if cell == "gru":
+        if gru:
             if recompute:
                 gi = linear_into(recompute_buf[0, :s1 - s0], x_c, w_ih, bias)
                 gh = linear_into(recompute_buf[1, :s1 - s0], h_prev, w_hh, b_hh)
@@ -238,7 +237,7 @@ def _backward(cell: str, grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Optional[
             d_gh = d_gi
             acc_w_hr.add(d_w_hr)
         else:
-            d_gi, dh = kern.rnn_backward(out_p[s0:s1].contiguous(), w_hh_c, g_out, dh, v, cell == "rnn_relu")
+            d_gi, dh = kern.rnn_backward(out_p[s0:s1].contiguous(), w_hh_c, g_out, dh, v, spec.relu)
             d_gh = d_gi
         acc_w_ih.add_product(d_gi, x_c)
         acc_b_ih.add_sum(d_gi)
