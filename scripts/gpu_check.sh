@@ -106,9 +106,10 @@ from torch.utils import cpp_extension
 if not torch.cuda.is_available():
     sys.exit(f"no CUDA GPU is visible to torch {torch.__version__} (CUDA {torch.version.cuda}): "
              "run this on a GPU machine")
-if cpp_extension.CUDA_HOME is None or not cpp_extension.is_ninja_available():
-    sys.exit(f"building the CUDA kernels needs nvcc (CUDA_HOME={cpp_extension.CUDA_HOME}) and ninja "
-             f"(found: {cpp_extension.is_ninja_available()})")
+if cpp_extension.CUDA_HOME is None:
+    sys.exit("building the CUDA kernels needs nvcc, and torch finds no CUDA toolkit (set CUDA_HOME)")
+if not cpp_extension.is_ninja_available():  # the build still works, one file at a time
+    print("warning: ninja not found; the extension builds without parallel compiles", file=sys.stderr)
 import triton
 major, minor = torch.cuda.get_device_capability()
 print(f"{major}.{minor}|{torch.cuda.get_device_name()} (sm_{major}{minor}), torch {torch.__version__}, "
