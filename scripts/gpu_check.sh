@@ -123,6 +123,9 @@ if [[ $status -ne 0 ]]; then
   record machine failed "$SECONDS" "$MACHINE"
   finish 2
 fi
+# the last line is "capability|description"; lines before it are warnings
+if [[ "$MACHINE" == *$'\n'* ]]; then log "${MACHINE%$'\n'*}"; fi
+MACHINE="${MACHINE##*$'\n'}"
 ARCH="${MACHINE%%|*}"
 record machine ok "$SECONDS" "${MACHINE#*|}"
 log "machine: ${MACHINE#*|}"
