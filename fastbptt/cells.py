@@ -62,7 +62,6 @@ SPECS: dict[str, CellSpec] = {spec.name: spec for spec in (
 )}
 
 CELLS = tuple(SPECS)
-NUM_GATES = {name: spec.num_gates for name, spec in SPECS.items()}
 CELL_OF_MODE = {spec.mode: name for name, spec in SPECS.items()}   # torch.nn.RNNBase.mode -> cell
 
 
