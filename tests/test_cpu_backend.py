@@ -261,6 +261,35 @@ def test_inference_keeps_nothing_and_matches_training_forward():
     torch.testing.assert_close(h_ng, h.detach(), atol=1e-6, rtol=1e-5)
 
 
+# ----------------------------------------------------------------------------- saturated gates
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("path", ["blas", "packed", "small-batch"])
+def test_saturated_gates_are_exact(dtype, path):
+    """Saturated gates are exactly 0, 1 or -1, never a denormal such as sigmoid(-100) = 6e-39
+    (csrc/cpu/cells/activation.h: a denormal constant there slowed whole row passes)."""
+    ops = torch.ops.fastbptt
+    C, B, H = 2, 3, 8
+    big = torch.full((C, B, H), 100.0, dtype=dtype)
+    h0 = torch.rand(B, H, dtype=dtype) + 0.5
+    c0 = torch.rand(B, H, dtype=dtype) + 0.5
+    zeros = lambda *shape: torch.zeros(*shape, dtype=dtype)
+    out = zeros(C, B, H)
+    # LSTM: i = 1, f = 0, g = 1, o = 0 -> c' = 1 and h' = 0 exactly
+    h, c = ops.lstm_forward_chunk(torch.cat([big, -big, big, -big], -1), h0, c0, zeros(4 * H, H), None, None,
+                                  out, None, path)
+    assert torch.equal(c, torch.ones_like(c)) and torch.equal(h, zeros(B, H)) and torch.equal(out, zeros(C, B, H))
+    # GRU: r = 0, z = 1 -> h' = h exactly; then z = 0, n = tanh(-100) -> h' = -1 exactly
+    gi = torch.cat([-big, big, big], -1)
+    h = ops.gru_forward_chunk(gi, h0, zeros(3 * H, H), None, None, out, None, path)
+    assert torch.equal(h, h0)
+    h = ops.gru_forward_chunk(torch.cat([-big, -big, -big], -1), h0, zeros(3 * H, H), None, None, out, None, path)
+    assert torch.equal(h, -torch.ones_like(h)) and torch.equal(out, -torch.ones_like(out))
+    if path != "packed":  # the packed path exists for GRU and LSTM
+        h = ops.rnn_forward_chunk(-big, h0, zeros(H, H), None, out, False, path)
+        assert torch.equal(h, -torch.ones_like(h))
+
+
 # ----------------------------------------------------------------------------- input checks
 
 def _replace(args, index, value):

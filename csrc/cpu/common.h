@@ -16,6 +16,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cells/activation.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -34,47 +36,6 @@ using at::Tensor;
 #else
 #define FASTBPTT_CLONES
 #endif
-
-#if defined(__GNUC__)
-#define FASTBPTT_INLINE inline __attribute__((always_inline))
-#else
-#define FASTBPTT_INLINE inline
-#endif
-
-// ----------------------------------------------------------------------------- activations
-//
-// float32: branch-free exp (Cody-Waite range reduction and a degree-6 polynomial, about 1 ulp)
-// so the row loops vectorize; float64 uses libm.
-
-FASTBPTT_INLINE float exp_f32(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  // round(x / ln 2) with the 1.5 * 2^23 trick: exact for |v| < 2^22, vectorizes everywhere
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-FASTBPTT_INLINE float sigmoid_act(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
-FASTBPTT_INLINE double sigmoid_act(double x) { return 1.0 / (1.0 + std::exp(-x)); }
-
-FASTBPTT_INLINE float tanh_act(float x) {
-  const float a = x < 0.0f ? -x : x;
-  const float e = exp_f32(-2.0f * a);
-  const float t = (1.0f - e) / (1.0f + e);
-  return x < 0.0f ? -t : t;
-}
-FASTBPTT_INLINE double tanh_act(double x) { return std::tanh(x); }
 
 // ----------------------------------------------------------------------------- helpers
 

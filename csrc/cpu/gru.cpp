@@ -1,8 +1,7 @@
 // Fused GRU chunk kernels (CPU): fastbptt::gru_forward_chunk, fastbptt::gru_backward_chunk.
 //
-// Gate layout [r, z, n] in blocks of H columns (fastbptt/cells.py):
-//   r = sigmoid(gi_r + gh_r), z = sigmoid(gi_z + gh_z), n = tanh(gi_n + r * gh_n)
-//   h' = (1 - z) * n + z * h
+// Gate layout [r, z, n] in blocks of H columns; the gate math is csrc/cpu/cells/gru.h.
+#include "cells/gru.h"
 #include "common.h"
 
 namespace fastbptt {
@@ -26,10 +25,8 @@ FASTBPTT_INLINE void gru_forward_rows(const T* __restrict__ gi, const T* __restr
     const T* __restrict__ ib = gi + b * 3 * H;
     const T* __restrict__ hh = gh + b * 3 * H;
     for (int64_t j = 0; j < H; ++j) {
-      const T r = sigmoid_act(ib[j] + hh[j]);
-      const T z = sigmoid_act(ib[H + j] + hh[H + j]);
-      const T n = tanh_act(ib[2 * H + j] + r * hh[2 * H + j]);
-      const T hn = (T(1) - z) * n + z * hb[j];
+      const auto a = gru::gates(ib[j], ib[H + j], ib[2 * H + j], hh[j], hh[H + j], hh[2 * H + j]);
+      const T hn = gru::next_state(a, hb[j]);
       hb[j] = hn;
       ob[j] = hn;
     }
@@ -59,20 +56,15 @@ FASTBPTT_INLINE void gru_backward_rows(const T* __restrict__ gi, const T* __rest
     const T* __restrict__ go = grad_out + b * H;
     T* __restrict__ db = dh + b * H;
     for (int64_t j = 0; j < H; ++j) {
-      const T d = db[j] + go[j];
-      const T r = sigmoid_act(ib[j] + hh[j]);
-      const T z = sigmoid_act(ib[H + j] + hh[H + j]);
-      const T n = tanh_act(ib[2 * H + j] + r * hh[2 * H + j]);
-      const T d_n = d * (T(1) - z) * (T(1) - n * n);
-      const T d_z = d * (hp[j] - n) * z * (T(1) - z);
-      const T d_r = d_n * hh[2 * H + j] * r * (T(1) - r);
-      dgi[j] = d_r;
-      dgi[H + j] = d_z;
-      dgi[2 * H + j] = d_n;
-      dgh[j] = d_r;
-      dgh[H + j] = d_z;
-      dgh[2 * H + j] = d_n * r;
-      db[j] = d * z;
+      const auto a = gru::gates(ib[j], ib[H + j], ib[2 * H + j], hh[j], hh[H + j], hh[2 * H + j]);
+      const auto d = gru::grads(a, hh[2 * H + j], hp[j], db[j] + go[j]);
+      dgi[j] = d.r;
+      dgi[H + j] = d.z;
+      dgi[2 * H + j] = d.n;
+      dgh[j] = d.r;
+      dgh[H + j] = d.z;
+      dgh[2 * H + j] = d.gh_n;
+      db[j] = d.h;
     }
   }
 }

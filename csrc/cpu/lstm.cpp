@@ -1,8 +1,8 @@
 // Fused LSTM chunk kernels (CPU): fastbptt::lstm_forward_chunk, fastbptt::lstm_backward_chunk.
 //
-// Gate layout [i, f, g, o] in blocks of H columns (fastbptt/cells.py):
-//   c' = sigmoid(f) * c + sigmoid(i) * tanh(g),  m = sigmoid(o) * tanh(c')
-//   h' = m, or h' = m W_hr^T with a projection (h has P columns)
+// Gate layout [i, f, g, o] in blocks of H columns; the gate math is csrc/cpu/cells/lstm.h.
+// h' = m, or h' = m W_hr^T with a projection (h has P columns).
+#include "cells/lstm.h"
 #include "common.h"
 
 namespace fastbptt {
@@ -28,13 +28,10 @@ FASTBPTT_INLINE void lstm_forward_rows(const T* __restrict__ gates, T* __restric
     T* __restrict__ cb = c + b * H;
     T* __restrict__ mb = m + b * H;
     for (int64_t j = 0; j < H; ++j) {
-      const T i_ = sigmoid_act(g[j]);
-      const T f_ = sigmoid_act(g[H + j]);
-      const T g_ = tanh_act(g[2 * H + j]);
-      const T o_ = sigmoid_act(g[3 * H + j]);
-      const T cn = f_ * cb[j] + i_ * g_;
+      const auto q = lstm::gates(g[j], g[H + j], g[2 * H + j], g[3 * H + j]);
+      const T cn = lstm::next_cell(q, cb[j]);
       cb[j] = cn;
-      mb[j] = o_ * tanh_act(cn);
+      mb[j] = lstm::hidden(q, cn);
     }
     if (out != nullptr)
       for (int64_t j = 0; j < H; ++j) out[b * H + j] = mb[j];
@@ -58,11 +55,13 @@ FASTBPTT_INLINE void lstm_scan_rows(const T* __restrict__ gates, T* __restrict__
           for (int64_t j = 0; j < H; ++j) m_all[(t * batch + b) * H + j] = T(0);
         continue;
       }
+      // two loops, so that the scan without m computes no o gate (the compiler drops what is unused)
       for (int64_t j = 0; j < H; ++j)
-        cn[j] = sigmoid_act(g[H + j]) * cp[j] + sigmoid_act(g[j]) * tanh_act(g[2 * H + j]);
+        cn[j] = lstm::next_cell(lstm::gates(g[j], g[H + j], g[2 * H + j], g[3 * H + j]), cp[j]);
       if (m_all != nullptr) {
         T* __restrict__ mb = m_all + (t * batch + b) * H;
-        for (int64_t j = 0; j < H; ++j) mb[j] = sigmoid_act(g[3 * H + j]) * tanh_act(cn[j]);
+        for (int64_t j = 0; j < H; ++j)
+          mb[j] = lstm::hidden(lstm::gates(g[j], g[H + j], g[2 * H + j], g[3 * H + j]), cn[j]);
       }
     }
   }
@@ -98,18 +97,13 @@ FASTBPTT_INLINE void lstm_backward_rows(const T* __restrict__ gates, const T* __
       }
     }
     for (int64_t j = 0; j < H; ++j) {
-      const T dmj = dmb[j];
-      const T i_ = sigmoid_act(g[j]);
-      const T f_ = sigmoid_act(g[H + j]);
-      const T g_ = tanh_act(g[2 * H + j]);
-      const T o_ = sigmoid_act(g[3 * H + j]);
-      const T tc = tanh_act(cb[j]);
-      const T dct = dcb[j] + dmj * o_ * (T(1) - tc * tc);
-      dg[j] = dct * g_ * i_ * (T(1) - i_);
-      dg[H + j] = dct * cp[j] * f_ * (T(1) - f_);
-      dg[2 * H + j] = dct * i_ * (T(1) - g_ * g_);
-      dg[3 * H + j] = dmj * tc * o_ * (T(1) - o_);
-      dcb[j] = dct * f_;
+      const auto q = lstm::gates(g[j], g[H + j], g[2 * H + j], g[3 * H + j]);
+      const auto d = lstm::grads(q, cp[j], cb[j], dmb[j], dcb[j]);
+      dg[j] = d.i;
+      dg[H + j] = d.f;
+      dg[2 * H + j] = d.g;
+      dg[3 * H + j] = d.o;
+      dcb[j] = d.c;
     }
   }
 }

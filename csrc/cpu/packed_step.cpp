@@ -12,6 +12,8 @@
 //
 // Each output column is one sequential sum over K whatever the number of slices, so the
 // results do not depend on the thread count.
+#include "cells/gru.h"
+#include "cells/lstm.h"
 #include "common.h"
 
 #include <vector>
@@ -135,19 +137,18 @@ struct Packed {
 
 // ----------------------------------------------------------------------------- slice steps
 //
-// Gate math of one row over a slice's nu units (restrict parameters so that GCC vectorizes).
+// Gate math (csrc/cpu/cells) of one row over a slice's nu units (restrict parameters so that GCC
+// vectorizes).
 // g: the row's gi at unit u0 (gates H apart); a: the row's products (gates nu apart)
 
 FASTBPTT_INLINE void lstm_units(const float* __restrict__ g, const float* __restrict__ a, float* __restrict__ cb,
                                 float* __restrict__ hb, float* __restrict__ ob, int64_t H, int64_t nu) {
   for (int64_t j = 0; j < nu; ++j) {
-    const float i_ = sigmoid_act(g[j] + a[j]);
-    const float f_ = sigmoid_act(g[H + j] + a[nu + j]);
-    const float g_ = tanh_act(g[2 * H + j] + a[2 * nu + j]);
-    const float o_ = sigmoid_act(g[3 * H + j] + a[3 * nu + j]);
-    const float cn = f_ * cb[j] + i_ * g_;
+    const auto q = lstm::gates(g[j] + a[j], g[H + j] + a[nu + j], g[2 * H + j] + a[2 * nu + j],
+                               g[3 * H + j] + a[3 * nu + j]);
+    const float cn = lstm::next_cell(q, cb[j]);
     cb[j] = cn;
-    const float m = o_ * tanh_act(cn);
+    const float m = lstm::hidden(q, cn);
     hb[j] = m;
     ob[j] = m;
   }
@@ -157,10 +158,8 @@ FASTBPTT_INLINE void gru_units(const float* __restrict__ g, const float* __restr
                                const float* __restrict__ hpb, float* __restrict__ hb, float* __restrict__ ob,
                                int64_t H, int64_t nu) {
   for (int64_t j = 0; j < nu; ++j) {
-    const float r = sigmoid_act(g[j] + a[j]);
-    const float z = sigmoid_act(g[H + j] + a[nu + j]);
-    const float n = tanh_act(g[2 * H + j] + r * a[2 * nu + j]);
-    const float v = (1.0f - z) * n + z * hpb[j];
+    const auto q = gru::gates(g[j], g[H + j], g[2 * H + j], a[j], a[nu + j], a[2 * nu + j]);
+    const float v = gru::next_state(q, hpb[j]);
     hb[j] = v;
     ob[j] = v;
   }

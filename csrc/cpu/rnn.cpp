@@ -1,6 +1,8 @@
 // Fused Elman RNN chunk kernels (CPU): fastbptt::rnn_forward_chunk, fastbptt::rnn_backward_chunk.
 //
-//   h' = act(pre_in + h W_hh^T),  act = tanh or relu; pre_in already holds both biases.
+//   h' = act(pre_in + h W_hh^T),  act = tanh or relu (csrc/cpu/cells/rnn.h); pre_in already
+//   holds both biases.
+#include "cells/rnn.h"
 #include "common.h"
 
 namespace fastbptt {
@@ -10,9 +12,9 @@ namespace {
 // ----------------------------------------------------------------------------- row passes
 
 // pre: [B, H] pre-activation of this step (pre_in + h W_hh^T); h: [B, H] carried; out: [B, H]
-template <typename T>
-FASTBPTT_INLINE void rnn_forward_rows(const T* __restrict__ pre, T* __restrict__ h, T* __restrict__ out,
-                                      const bool* valid, bool relu, int64_t H, int64_t b0, int64_t b1) {
+template <bool Relu, typename T>
+FASTBPTT_INLINE void rnn_forward_act_rows(const T* __restrict__ pre, T* __restrict__ h, T* __restrict__ out,
+                                          const bool* valid, int64_t H, int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
     T* __restrict__ ob = out + b * H;
     if (valid != nullptr && !valid[b]) {
@@ -21,28 +23,20 @@ FASTBPTT_INLINE void rnn_forward_rows(const T* __restrict__ pre, T* __restrict__
     }
     const T* __restrict__ pb = pre + b * H;
     T* __restrict__ hb = h + b * H;
-    if (relu) {
-      for (int64_t j = 0; j < H; ++j) {
-        const T v = pb[j] > T(0) ? pb[j] : T(0);
-        hb[j] = v;
-        ob[j] = v;
-      }
-    } else {
-      for (int64_t j = 0; j < H; ++j) {
-        const T v = tanh_act(pb[j]);
-        hb[j] = v;
-        ob[j] = v;
-      }
+    for (int64_t j = 0; j < H; ++j) {
+      const T v = rnn::activate<Relu>(pb[j]);
+      hb[j] = v;
+      ob[j] = v;
     }
   }
 }
 
 // out, grad_out: [B, H] this step; dh: [B, H] carried (valid rows zeroed for the product that
 // follows); d_pre: [B, H]
-template <typename T>
-FASTBPTT_INLINE void rnn_backward_rows(const T* __restrict__ out, const T* __restrict__ grad_out, T* __restrict__ dh,
-                                       T* __restrict__ d_pre, const bool* valid, bool relu, int64_t H, int64_t b0,
-                                       int64_t b1) {
+template <bool Relu, typename T>
+FASTBPTT_INLINE void rnn_backward_act_rows(const T* __restrict__ out, const T* __restrict__ grad_out,
+                                           T* __restrict__ dh, T* __restrict__ d_pre, const bool* valid, int64_t H,
+                                           int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
     T* __restrict__ dp = d_pre + b * H;
     if (valid != nullptr && !valid[b]) {
@@ -52,17 +46,30 @@ FASTBPTT_INLINE void rnn_backward_rows(const T* __restrict__ out, const T* __res
     const T* __restrict__ ob = out + b * H;
     const T* __restrict__ go = grad_out + b * H;
     T* __restrict__ db = dh + b * H;
-    if (relu) {
-      for (int64_t j = 0; j < H; ++j) {
-        dp[j] = ob[j] > T(0) ? db[j] + go[j] : T(0);
-        db[j] = T(0);
-      }
-    } else {
-      for (int64_t j = 0; j < H; ++j) {
-        dp[j] = (db[j] + go[j]) * (T(1) - ob[j] * ob[j]);
-        db[j] = T(0);
-      }
+    for (int64_t j = 0; j < H; ++j) {
+      dp[j] = rnn::pre_grad<Relu>(ob[j], db[j] + go[j]);
+      db[j] = T(0);
     }
+  }
+}
+
+template <typename T>
+FASTBPTT_INLINE void rnn_forward_rows(const T* pre, T* h, T* out, const bool* valid, bool relu, int64_t H,
+                                      int64_t b0, int64_t b1) {
+  if (relu) {
+    rnn_forward_act_rows<true>(pre, h, out, valid, H, b0, b1);
+  } else {
+    rnn_forward_act_rows<false>(pre, h, out, valid, H, b0, b1);
+  }
+}
+
+template <typename T>
+FASTBPTT_INLINE void rnn_backward_rows(const T* out, const T* grad_out, T* dh, T* d_pre, const bool* valid, bool relu,
+                                       int64_t H, int64_t b0, int64_t b1) {
+  if (relu) {
+    rnn_backward_act_rows<true>(out, grad_out, dh, d_pre, valid, H, b0, b1);
+  } else {
+    rnn_backward_act_rows<false>(out, grad_out, dh, d_pre, valid, H, b0, b1);
   }
 }
 
