@@ -164,3 +164,65 @@ def assert_compile_matches_eager(model: torch.nn.Module, x: torch.Tensor) -> Non
     (g_c,) = torch.autograd.grad(out_c.sum(), x)
     torch.testing.assert_close(out_c, out_e)
     torch.testing.assert_close(g_c, g_e)
+
+
+# ----------------------------------------------------------------------------- the chunk ops
+
+def chunk_op_args(name, dtype=torch.float64, proj=False, masked=True, batch=3, hidden=5, path="blas", device="cpu"):
+    """(op, args) for one *_chunk op on a small random case; ``path`` is the op's last argument."""
+    g = torch.Generator().manual_seed(0)
+    C, B, H = 4, batch, hidden
+    P = 2 if proj else H
+    rnd = lambda *s: (torch.randn(*s, generator=g, dtype=torch.float64) * 0.5).to(device, dtype)
+    valid = None
+    if masked and B == 3:
+        valid = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 0, 1], [1, 0, 1]], dtype=torch.bool, device=device)
+    elif masked:  # each row padded at some step
+        valid = torch.ones(C, B, dtype=torch.bool)
+        for b in range(B):
+            valid[(2 * b + 1) % C, b] = False
+        valid = valid.to(device)
+    ops = torch.ops.fastbptt
+    if name == "rnn_forward_chunk":
+        return ops.rnn_forward_chunk, (rnd(C, B, H), rnd(B, H), rnd(H, H), valid, rnd(C, B, H), False, path)
+    if name == "rnn_backward_chunk":
+        return ops.rnn_backward_chunk, (rnd(C, B, H).tanh(), rnd(H, H), rnd(C, B, H), rnd(B, H), valid, False, path)
+    if name == "gru_forward_chunk":
+        return ops.gru_forward_chunk, (rnd(C, B, 3 * H), rnd(B, H), rnd(3 * H, H), rnd(3 * H), valid,
+                                       rnd(C, B, H), rnd(C, B, 3 * H), path)
+    if name == "gru_backward_chunk":
+        return ops.gru_backward_chunk, (rnd(C, B, 3 * H), rnd(C, B, 3 * H), rnd(C, B, H), rnd(3 * H, H),
+                                        rnd(C, B, H), rnd(B, H), valid, path)
+    if name == "lstm_forward_chunk":
+        return ops.lstm_forward_chunk, (rnd(C, B, 4 * H), rnd(B, P), rnd(B, H), rnd(4 * H, P),
+                                        rnd(P, H) if proj else None, valid, rnd(C, B, P), rnd(C, B, 4 * H), path)
+    return ops.lstm_backward_chunk, (rnd(C, B, 4 * H), rnd(B, H), rnd(4 * H, P), rnd(P, H) if proj else None,
+                                     rnd(C, B, P), rnd(B, P), rnd(B, H), valid, path)
+
+
+def replace_arg(args: tuple, index: int, value) -> tuple:
+    return args[:index] + (value,) + args[index + 1:]
+
+
+# Bad arguments of the chunk ops and the message each gets: (op, argument index, bad version of
+# the argument, message). The CPU and CUDA ops check with one helper (csrc/checks.h), so the same
+# cases and messages hold on both devices.
+CHUNK_OP_INPUT_ERRORS = [
+    ("gru_forward_chunk", 1, lambda a: a[:, :-1].contiguous(), r"expected h0 of shape"),
+    ("gru_forward_chunk", 2, lambda a: a.float(),
+     r"expected w_hh to have dtype Double like the first input, got Float"),
+    ("gru_forward_chunk", 5, lambda a: a.transpose(0, 1), r"expected out .*shape|expected out to be contiguous"),
+    ("gru_forward_chunk", 5, lambda a: a.transpose(0, 2).contiguous().transpose(0, 2),
+     r"expected out to be contiguous"),
+    ("gru_forward_chunk", 4, lambda a: a.to(torch.uint8), r"expected valid to be a bool mask"),
+    ("gru_forward_chunk", 0, lambda a: a[..., :-1], r"gi's last dimension must be 3 \* hidden_size, got 14"),
+    ("gru_forward_chunk", 0, lambda a: a.transpose(0, 1).contiguous().transpose(0, 1),
+     r"expected gi to be contiguous"),
+    ("gru_backward_chunk", 4, lambda a: a[:-1], r"expected grad_out of shape \[4, 3, 5\], got \[3, 3, 5\]"),
+    ("rnn_forward_chunk", 0, lambda a: a.to(torch.int64), r"pre_in must be float32, float64(, float16)? or bfloat16"),
+    ("rnn_backward_chunk", 4, lambda a: a[:-1], r"expected valid of shape \[4, 3\]"),
+    ("lstm_forward_chunk", 2, lambda a: a[:, :-1].contiguous(), r"expected c0 of shape"),
+    ("lstm_forward_chunk", 1, lambda a: a[0], r"expected h0 to have 2 dimensions, got 1"),
+    ("lstm_backward_chunk", 2, lambda a: a[:, :-1].contiguous(), r"expected w_hh of shape"),
+    ("lstm_forward_chunk", 0, lambda a: a[0], r"expected gates_in to have 3 dimensions \[C, B, \*\], got 2"),
+]

@@ -7,7 +7,8 @@ import torch
 import fastbptt
 from fastbptt import dispatch, reference
 from fastbptt.bench.memory import saved_activation_bytes
-from helpers import TOLERANCES, Case, assert_lowp_parity, assert_parity, make_inputs, make_pair, run
+from helpers import (CHUNK_OP_INPUT_ERRORS, TOLERANCES, Case, assert_lowp_parity, assert_parity, chunk_op_args,
+                     make_inputs, make_pair, replace_arg, run)
 
 _REASON = dispatch.availability("cpu")
 pytestmark = pytest.mark.skipif(bool(_REASON), reason=f"backend 'cpu' unavailable: {_REASON}")
@@ -104,37 +105,6 @@ def test_gradcheck_with_lengths(cell, proj, reverse):
 
 
 # ----------------------------------------------------------------------------- the chunk ops
-
-def chunk_op_args(name, dtype=torch.float64, proj=False, masked=True, batch=3, hidden=5, path="blas"):
-    """(op, args) for one *_chunk op on a small random case; ``path`` is the op's last argument."""
-    g = torch.Generator().manual_seed(0)
-    C, B, H = 4, batch, hidden
-    P = 2 if proj else H
-    rnd = lambda *s: (torch.randn(*s, generator=g, dtype=torch.float64) * 0.5).to(dtype)
-    valid = None
-    if masked and B == 3:
-        valid = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 0, 1], [1, 0, 1]], dtype=torch.bool)
-    elif masked:  # each row padded at some step
-        valid = torch.ones(C, B, dtype=torch.bool)
-        for b in range(B):
-            valid[(2 * b + 1) % C, b] = False
-    ops = torch.ops.fastbptt
-    if name == "rnn_forward_chunk":
-        return ops.rnn_forward_chunk, (rnd(C, B, H), rnd(B, H), rnd(H, H), valid, rnd(C, B, H), False, path)
-    if name == "rnn_backward_chunk":
-        return ops.rnn_backward_chunk, (rnd(C, B, H).tanh(), rnd(H, H), rnd(C, B, H), rnd(B, H), valid, False, path)
-    if name == "gru_forward_chunk":
-        return ops.gru_forward_chunk, (rnd(C, B, 3 * H), rnd(B, H), rnd(3 * H, H), rnd(3 * H), valid,
-                                       rnd(C, B, H), rnd(C, B, 3 * H), path)
-    if name == "gru_backward_chunk":
-        return ops.gru_backward_chunk, (rnd(C, B, 3 * H), rnd(C, B, 3 * H), rnd(C, B, H), rnd(3 * H, H),
-                                        rnd(C, B, H), rnd(B, H), valid, path)
-    if name == "lstm_forward_chunk":
-        return ops.lstm_forward_chunk, (rnd(C, B, 4 * H), rnd(B, P), rnd(B, H), rnd(4 * H, P),
-                                        rnd(P, H) if proj else None, valid, rnd(C, B, P), rnd(C, B, 4 * H), path)
-    return ops.lstm_backward_chunk, (rnd(C, B, 4 * H), rnd(B, H), rnd(4 * H, P), rnd(P, H) if proj else None,
-                                     rnd(C, B, P), rnd(B, P), rnd(B, H), valid, path)
-
 
 CHUNK_OPS = [("rnn_forward_chunk", False), ("rnn_backward_chunk", False), ("gru_forward_chunk", False),
              ("gru_backward_chunk", False), ("lstm_forward_chunk", False), ("lstm_forward_chunk", True),
@@ -292,27 +262,11 @@ def test_saturated_gates_are_exact(dtype, path):
 
 # ----------------------------------------------------------------------------- input checks
 
-def _replace(args, index, value):
-    return args[:index] + (value,) + args[index + 1:]
-
-
-@pytest.mark.parametrize("name,index,bad,message", [
-    ("gru_forward_chunk", 1, lambda a: a[:, :-1].contiguous(), r"expected h0 of shape"),
-    ("gru_forward_chunk", 2, lambda a: a.float(), r"expected w_hh to have dtype Double like the first input, got Float"),
-    ("gru_forward_chunk", 5, lambda a: a.transpose(0, 1), r"expected out .*shape|expected out to be contiguous"),
-    ("gru_forward_chunk", 4, lambda a: a.to(torch.uint8), r"expected valid to be a bool mask"),
-    ("gru_forward_chunk", 0, lambda a: a[..., :-1], r"3 \* hidden_size"),
-    ("gru_backward_chunk", 4, lambda a: a[:-1], r"expected grad_out of shape"),
-    ("rnn_forward_chunk", 0, lambda a: a.to(torch.int64), r"float32, float64 or bfloat16"),
-    ("rnn_backward_chunk", 4, lambda a: a[:-1], r"expected valid of shape"),
-    ("lstm_forward_chunk", 2, lambda a: a[:, :-1].contiguous(), r"expected c0 of shape"),
-    ("lstm_backward_chunk", 2, lambda a: a[:, :-1].contiguous(), r"expected w_hh of shape"),
-    ("lstm_forward_chunk", 0, lambda a: a[0], r"3 dimensions"),
-])
+@pytest.mark.parametrize("name,index,bad,message", CHUNK_OP_INPUT_ERRORS)
 def test_kernel_input_errors(name, index, bad, message):
     op, args = chunk_op_args(name)
     with pytest.raises(RuntimeError, match=message):
-        op(*_replace(args, index, bad(args[index])))
+        op(*replace_arg(args, index, bad(args[index])))
 
 
 @pytest.mark.parametrize("name,dtype,proj,path,message", [
@@ -333,4 +287,4 @@ def test_out_must_be_contiguous():
     op, args = chunk_op_args("rnn_forward_chunk")
     out = torch.empty(args[4].shape[::-1], dtype=args[4].dtype).permute(2, 1, 0)
     with pytest.raises(RuntimeError, match="expected out to be contiguous"):
-        op(*_replace(args, 4, out))
+        op(*replace_arg(args, 4, out))

@@ -19,8 +19,9 @@ import fastbptt
 from conftest import requires_cuda
 from fastbptt import dispatch, native
 from fastbptt.nn import MODULE_OF_CELL, cell_kwargs
-from helpers import (GPU_F32_TOLERANCE, TOLERANCES, Case, assert_compile_matches_eager, assert_lowp_parity,
-                     assert_parity, assert_results_close, make_inputs, make_pair, run)
+from helpers import (CHUNK_OP_INPUT_ERRORS, GPU_F32_TOLERANCE, TOLERANCES, Case, assert_compile_matches_eager,
+                     assert_lowp_parity, assert_parity, assert_results_close, chunk_op_args, make_inputs, make_pair,
+                     replace_arg, run)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -270,6 +271,18 @@ def test_persistent_declines_what_it_cannot_run(case, dtype, reason):
     with pytest.raises(dispatch.BackendUnavailable, match=reason):
         fast(x, hx)
     assert_parity(case, "cuda", dtype, device="cuda", tolerance=None if dtype == torch.float64 else GPU_F32_TOLERANCE)
+
+
+@gpu_test
+@pytest.mark.parametrize("name,index,bad,message", CHUNK_OP_INPUT_ERRORS + [
+    ("rnn_forward_chunk", 1, lambda a: a.cpu(), r"expected h0 on cuda:0 like the first input, got cpu"),
+    ("gru_backward_chunk", 0, lambda a: a.cpu(), r"expected gi on CUDA, got a tensor on cpu"),
+])
+def test_chunk_op_input_errors(name, index, bad, message):
+    """The CUDA ops reject bad arguments with the CPU ops' messages (one helper: csrc/checks.h)."""
+    op, args = chunk_op_args(name, path="standard", device="cuda")
+    with pytest.raises(RuntimeError, match=message):
+        op(*replace_arg(args, index, bad(args[index])))
 
 
 @gpu_test

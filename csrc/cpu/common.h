@@ -7,15 +7,15 @@
 // vectorizes; on x86-64 with GCC each is also compiled for AVX2+FMA and picked at load time
 // (target_clones), so the default build stays portable.
 //
-// bfloat16: the kernels compute in float32. The op converts its inputs once, runs the float32
-// kernel (carried state and gradients stay float32 for the whole chunk) and rounds the results
-// once on the way out, exactly as the reference backend does.
+// The ops check their arguments with OpArgs (csrc/checks.h, shared with the CUDA ops) and run
+// bfloat16 through the float32 kernels with Float32Compute (below).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../checks.h"
 #include "cells/activation.h"
 
 #include <cmath>
@@ -25,6 +25,8 @@
 #include <optional>
 #include <type_traits>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace fastbptt {
 namespace cpu {
@@ -98,51 +100,61 @@ void lstm_forward_packed_f32(const Tensor& gates_in, const Tensor& w_hh, const b
 void gru_forward_packed_f32(const Tensor& gi, const Tensor& w_hh, const std::optional<Tensor>& b_hh,
                             const bool* valid, Tensor& h, const Tensor& out, const std::optional<Tensor>& gh_out);
 
-inline const char* dtype_name(at::ScalarType t) { return c10::toString(t); }
+// ----------------------------------------------------------------------------- op wrappers
 
-inline void check_cpu_tensor(const Tensor& t, const char* op, const char* name, at::ScalarType dtype,
-                             int64_t dims) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": expected ", name, " on the CPU, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": expected ", name, " to have dtype ", dtype_name(dtype),
-              " like the first input, got ", dtype_name(t.scalar_type()));
-  TORCH_CHECK(t.dim() == dims, op, ": expected ", name, " to have ", dims, " dimensions, got ", t.dim(),
-              " (shape ", t.sizes(), ")");
-  TORCH_CHECK(t.is_contiguous(), op, ": expected ", name, " to be contiguous");
-}
+// What the CPU ops take (their checks: csrc/checks.h).
+inline const Kernels kCpuKernels{at::kCPU, {at::kFloat, at::kDouble, at::kBFloat16}};
 
-inline void check_shape(const Tensor& t, at::IntArrayRef want, const char* op, const char* name) {
-  TORCH_CHECK(t.sizes() == want, op, ": expected ", name, " of shape ", want, ", got ", t.sizes());
-}
+// The kernels compute in float64 or float32. A bfloat16 call runs the float32 kernel on widened
+// copies of its inputs (carried state and gradients stay float32 for the whole chunk) and rounds
+// once on the way out, exactly as the reference backend does:
+//
+//   Float32Compute fc(dtype);
+//   fc.run([&](auto zero) {
+//     using T = decltype(zero);  // double for float64, float for float32 and bfloat16
+//     h = impl<T>(fc.in(gi), ..., fc.out(out));
+//   });                          // float32 outputs are rounded into `out` here
+//   return fc.result(h);
+class Float32Compute {
+ public:
+  explicit Float32Compute(at::ScalarType dtype) : dtype_(dtype), widen_(dtype == at::kBFloat16) {}
 
-inline void check_first(const Tensor& t, const char* op, const char* name) {
-  const auto dtype = t.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16, op, ": ", name,
-              " must be float32, float64 or bfloat16, got ", dtype_name(dtype));
-  TORCH_CHECK(t.dim() == 3, op, ": expected ", name, " to have 3 dimensions [C, B, *], got ", t.dim(),
-              " (shape ", t.sizes(), ")");
-}
+  // An input as the kernel reads it.
+  Tensor in(const Tensor& t) const { return widen_ ? t.to(at::kFloat) : t; }
+  std::optional<Tensor> in(const std::optional<Tensor>& t) const {
+    return t.has_value() ? std::optional<Tensor>(in(*t)) : std::nullopt;
+  }
 
-inline void check_valid(const std::optional<Tensor>& valid, int64_t steps, int64_t batch, const char* op) {
-  if (!valid.has_value()) return;
-  const Tensor& v = *valid;
-  TORCH_CHECK(v.device().is_cpu(), op, ": expected valid on the CPU, got ", v.device());
-  TORCH_CHECK(v.scalar_type() == at::kBool, op, ": expected valid to be a bool mask, got ",
-              dtype_name(v.scalar_type()));
-  TORCH_CHECK(v.sizes() == at::IntArrayRef({steps, batch}), op, ": expected valid of shape [", steps, ", ",
-              batch, "], got ", v.sizes());
-  TORCH_CHECK(v.is_contiguous(), op, ": expected valid to be contiguous");
-}
+  // An output the kernel writes: `t` itself, or a float32 buffer that run() rounds into `t`.
+  Tensor out(const Tensor& t) {
+    if (!widen_) return t;
+    Tensor buffer = at::empty(t.sizes(), t.options().dtype(at::kFloat));
+    outputs_.emplace_back(t, buffer);
+    return buffer;
+  }
+  std::optional<Tensor> out(const std::optional<Tensor>& t) {
+    return t.has_value() ? std::optional<Tensor>(out(*t)) : std::nullopt;
+  }
 
-inline const bool* valid_ptr(const std::optional<Tensor>& valid) {
-  return valid.has_value() ? valid->data_ptr<bool>() : nullptr;
-}
+  template <typename Kernel>
+  void run(const Kernel& kernel) {
+    if (dtype_ == at::kDouble) {
+      kernel(double{});
+    } else {
+      kernel(float{});
+    }
+    for (auto& [dst, buffer] : outputs_) dst.copy_(buffer);
+    outputs_.clear();
+  }
 
-// Low precision runs on float32 copies; these move tensors across.
-inline Tensor up(const Tensor& t) { return t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t; }
-inline std::optional<Tensor> up(const std::optional<Tensor>& t) {
-  return t.has_value() ? std::optional<Tensor>(up(*t)) : std::nullopt;
-}
-inline Tensor down(const Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+  // A result of the kernel in the caller's dtype.
+  Tensor result(const Tensor& t) const { return t.scalar_type() == dtype_ ? t : t.to(dtype_); }
+
+ private:
+  at::ScalarType dtype_;
+  bool widen_;
+  std::vector<std::pair<Tensor, Tensor>> outputs_;
+};
 
 }  // namespace cpu
 }  // namespace fastbptt

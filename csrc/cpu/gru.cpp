@@ -156,84 +156,35 @@ std::tuple<Tensor, Tensor, Tensor> gru_backward_impl(const Tensor& gi, const Ten
 
 // ----------------------------------------------------------------------------- ops
 
-constexpr const char* kFwd = "fastbptt::gru_forward_chunk";
-constexpr const char* kBwd = "fastbptt::gru_backward_chunk";
-
 Tensor gru_forward_chunk(const Tensor& gi, const Tensor& h0, const Tensor& w_hh, const std::optional<Tensor>& b_hh,
                          const std::optional<Tensor>& valid, const Tensor& out, const std::optional<Tensor>& gh_out,
                          c10::string_view path) {
-  check_first(gi, kFwd, "gi");
-  const auto dtype = gi.scalar_type();
-  const StepPath p = step_path(path, dtype, kFwd);
-  const int64_t steps = gi.size(0), batch = gi.size(1);
-  TORCH_CHECK(gi.size(2) % 3 == 0, kFwd, ": gi's last dimension must be 3 * hidden_size, got ", gi.size(2));
-  const int64_t H = gi.size(2) / 3;
-  check_cpu_tensor(gi, kFwd, "gi", dtype, 3);
-  check_cpu_tensor(h0, kFwd, "h0", dtype, 2);
-  check_cpu_tensor(w_hh, kFwd, "w_hh", dtype, 2);
-  check_cpu_tensor(out, kFwd, "out", dtype, 3);
-  check_shape(h0, {batch, H}, kFwd, "h0");
-  check_shape(w_hh, {3 * H, H}, kFwd, "w_hh");
-  check_shape(out, {steps, batch, H}, kFwd, "out");
-  if (b_hh.has_value()) {
-    check_cpu_tensor(*b_hh, kFwd, "b_hh", dtype, 1);
-    check_shape(*b_hh, {3 * H}, kFwd, "b_hh");
-  }
-  if (gh_out.has_value()) {
-    check_cpu_tensor(*gh_out, kFwd, "gh_out", dtype, 3);
-    check_shape(*gh_out, {steps, batch, 3 * H}, kFwd, "gh_out");
-  }
-  check_valid(valid, steps, batch, kFwd);
-  const bool* v = valid_ptr(valid);
-  if (dtype == at::kBFloat16) {
-    Tensor out32 = at::empty(out.sizes(), out.options().dtype(at::kFloat));
-    std::optional<Tensor> gh32;
-    if (gh_out.has_value()) gh32 = at::empty(gh_out->sizes(), out32.options());
-    Tensor h = gru_forward_impl<float>(up(gi), up(h0), up(w_hh), up(b_hh), v, out32, gh32, p);
-    out.copy_(out32);
-    if (gh_out.has_value()) gh_out->copy_(*gh32);
-    return h.to(dtype);
-  }
+  const ChunkArgs a = check_gru_forward_chunk(kCpuKernels, gi, h0, w_hh, b_hh, valid, out, gh_out);
+  const StepPath p = step_path(path, a.dtype, a.op);
+  Float32Compute fc(a.dtype);
   Tensor h;
-  AT_DISPATCH_FLOATING_TYPES(dtype, "gru_forward_chunk", [&] {
-    h = gru_forward_impl<scalar_t>(gi, h0, w_hh, b_hh, v, out, gh_out, p);
+  fc.run([&](auto zero) {
+    using T = decltype(zero);
+    h = gru_forward_impl<T>(fc.in(gi), fc.in(h0), fc.in(w_hh), fc.in(b_hh), a.valid, fc.out(out), fc.out(gh_out),
+                            p);
   });
-  return h;
+  return fc.result(h);
 }
 
 std::tuple<Tensor, Tensor, Tensor> gru_backward_chunk(const Tensor& gi, const Tensor& gh, const Tensor& h_prev,
                                                       const Tensor& w_hh, const Tensor& grad_out,
                                                       const Tensor& grad_h_n, const std::optional<Tensor>& valid,
                                                       c10::string_view path) {
-  check_first(gi, kBwd, "gi");
-  const auto dtype = gi.scalar_type();
-  const StepPath p = step_path(path, dtype, kBwd);
-  const int64_t steps = gi.size(0), batch = gi.size(1);
-  TORCH_CHECK(gi.size(2) % 3 == 0, kBwd, ": gi's last dimension must be 3 * hidden_size, got ", gi.size(2));
-  const int64_t H = gi.size(2) / 3;
-  check_cpu_tensor(gi, kBwd, "gi", dtype, 3);
-  check_cpu_tensor(gh, kBwd, "gh", dtype, 3);
-  check_cpu_tensor(h_prev, kBwd, "h_prev", dtype, 3);
-  check_cpu_tensor(w_hh, kBwd, "w_hh", dtype, 2);
-  check_cpu_tensor(grad_out, kBwd, "grad_out", dtype, 3);
-  check_cpu_tensor(grad_h_n, kBwd, "grad_h_n", dtype, 2);
-  check_shape(gh, {steps, batch, 3 * H}, kBwd, "gh");
-  check_shape(h_prev, {steps, batch, H}, kBwd, "h_prev");
-  check_shape(w_hh, {3 * H, H}, kBwd, "w_hh");
-  check_shape(grad_out, {steps, batch, H}, kBwd, "grad_out");
-  check_shape(grad_h_n, {batch, H}, kBwd, "grad_h_n");
-  check_valid(valid, steps, batch, kBwd);
-  const bool* v = valid_ptr(valid);
-  if (dtype == at::kBFloat16) {
-    auto [d_gi, d_gh, dh] = gru_backward_impl<float>(up(gi), up(gh), up(h_prev), up(w_hh), up(grad_out),
-                                                     up(grad_h_n), v, p);
-    return {d_gi.to(dtype), d_gh.to(dtype), dh.to(dtype)};
-  }
-  std::tuple<Tensor, Tensor, Tensor> result;
-  AT_DISPATCH_FLOATING_TYPES(dtype, "gru_backward_chunk", [&] {
-    result = gru_backward_impl<scalar_t>(gi, gh, h_prev, w_hh, grad_out, grad_h_n, v, p);
+  const ChunkArgs a = check_gru_backward_chunk(kCpuKernels, gi, gh, h_prev, w_hh, grad_out, grad_h_n, valid);
+  const StepPath p = step_path(path, a.dtype, a.op);
+  Float32Compute fc(a.dtype);
+  Tensor d_gi, d_gh, dh;
+  fc.run([&](auto zero) {
+    using T = decltype(zero);
+    std::tie(d_gi, d_gh, dh) = gru_backward_impl<T>(fc.in(gi), fc.in(gh), fc.in(h_prev), fc.in(w_hh),
+                                                    fc.in(grad_out), fc.in(grad_h_n), a.valid, p);
   });
-  return result;
+  return {fc.result(d_gi), fc.result(d_gh), fc.result(dh)};
 }
 
 }  // namespace

@@ -282,63 +282,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward_impl(const Tensor& gate
 
 // ----------------------------------------------------------------------------- ops
 
-constexpr const char* kFwd = "fastbptt::lstm_forward_chunk";
-constexpr const char* kBwd = "fastbptt::lstm_backward_chunk";
-
-void check_projection(const std::optional<Tensor>& w_hr, int64_t P, int64_t H, at::ScalarType dtype,
-                      const char* op) {
-  if (w_hr.has_value()) {
-    check_cpu_tensor(*w_hr, op, "w_hr", dtype, 2);
-    check_shape(*w_hr, {P, H}, op, "w_hr");
-  } else {
-    TORCH_CHECK(P == H, op, ": without w_hr the state h must have hidden_size = ", H, " columns, got ", P);
-  }
-}
-
 std::tuple<Tensor, Tensor> lstm_forward_chunk(const Tensor& gates_in, const Tensor& h0, const Tensor& c0,
                                               const Tensor& w_hh, const std::optional<Tensor>& w_hr,
                                               const std::optional<Tensor>& valid, const Tensor& out,
                                               const std::optional<Tensor>& gates_out, c10::string_view path) {
-  check_first(gates_in, kFwd, "gates_in");
-  const auto dtype = gates_in.scalar_type();
-  const StepPath p = step_path(path, dtype, kFwd);
-  TORCH_CHECK(!(p == StepPath::packed && w_hr.has_value()), kFwd,
+  const ChunkArgs a =
+      check_lstm_forward_chunk(kCpuKernels, gates_in, h0, c0, w_hh, w_hr, valid, out, gates_out);
+  const StepPath p = step_path(path, a.dtype, a.op);
+  TORCH_CHECK(!(p == StepPath::packed && w_hr.has_value()), a.op,
               ": the packed path exists for LSTM without projection, but w_hr was given");
-  const int64_t steps = gates_in.size(0), batch = gates_in.size(1);
-  TORCH_CHECK(gates_in.size(2) % 4 == 0, kFwd, ": gates_in's last dimension must be 4 * hidden_size, got ",
-              gates_in.size(2));
-  const int64_t H = gates_in.size(2) / 4;
-  check_cpu_tensor(gates_in, kFwd, "gates_in", dtype, 3);
-  check_cpu_tensor(h0, kFwd, "h0", dtype, 2);
-  check_cpu_tensor(c0, kFwd, "c0", dtype, 2);
-  check_cpu_tensor(w_hh, kFwd, "w_hh", dtype, 2);
-  check_cpu_tensor(out, kFwd, "out", dtype, 3);
-  const int64_t P = h0.size(1);
-  check_shape(h0, {batch, P}, kFwd, "h0");
-  check_shape(c0, {batch, H}, kFwd, "c0");
-  check_shape(w_hh, {4 * H, P}, kFwd, "w_hh");
-  check_shape(out, {steps, batch, P}, kFwd, "out");
-  check_projection(w_hr, P, H, dtype, kFwd);
-  if (gates_out.has_value()) {
-    check_cpu_tensor(*gates_out, kFwd, "gates_out", dtype, 3);
-    check_shape(*gates_out, {steps, batch, 4 * H}, kFwd, "gates_out");
-  }
-  check_valid(valid, steps, batch, kFwd);
-  const bool* v = valid_ptr(valid);
-  if (dtype == at::kBFloat16) {
-    Tensor out32 = at::empty(out.sizes(), out.options().dtype(at::kFloat));
-    std::optional<Tensor> g32;
-    if (gates_out.has_value()) g32 = at::empty(gates_out->sizes(), out32.options());
-    auto [h, c] = lstm_forward_impl<float>(up(gates_in), up(h0), up(c0), up(w_hh), up(w_hr), v, out32, g32, p);
-    out.copy_(out32);
-    if (gates_out.has_value()) gates_out->copy_(*g32);
-    return {h.to(dtype), c.to(dtype)};
-  }
-  std::tuple<Tensor, Tensor> result;
-  AT_DISPATCH_FLOATING_TYPES(dtype, "lstm_forward_chunk", [&] {
-    result = lstm_forward_impl<scalar_t>(gates_in, h0, c0, w_hh, w_hr, v, out, gates_out, p);
+  Float32Compute fc(a.dtype);
+  Tensor h, c;
+  fc.run([&](auto zero) {
+    using T = decltype(zero);
+    std::tie(h, c) = lstm_forward_impl<T>(fc.in(gates_in), fc.in(h0), fc.in(c0), fc.in(w_hh), fc.in(w_hr),
+                                          a.valid, fc.out(out), fc.out(gates_out), p);
   });
-  return result;
+  return {fc.result(h), fc.result(c)};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward_chunk(const Tensor& gates, const Tensor& c0,
@@ -347,38 +307,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward_chunk(const Tensor& gat
                                                                const Tensor& grad_c_n,
                                                                const std::optional<Tensor>& valid,
                                                                c10::string_view path) {
-  check_first(gates, kBwd, "gates");
-  const auto dtype = gates.scalar_type();
-  const StepPath p = step_path(path, dtype, kBwd);
-  const int64_t steps = gates.size(0), batch = gates.size(1);
-  TORCH_CHECK(gates.size(2) % 4 == 0, kBwd, ": gates' last dimension must be 4 * hidden_size, got ",
-              gates.size(2));
-  const int64_t H = gates.size(2) / 4;
-  check_cpu_tensor(gates, kBwd, "gates", dtype, 3);
-  check_cpu_tensor(c0, kBwd, "c0", dtype, 2);
-  check_cpu_tensor(w_hh, kBwd, "w_hh", dtype, 2);
-  check_cpu_tensor(grad_out, kBwd, "grad_out", dtype, 3);
-  check_cpu_tensor(grad_h_n, kBwd, "grad_h_n", dtype, 2);
-  check_cpu_tensor(grad_c_n, kBwd, "grad_c_n", dtype, 2);
-  const int64_t P = grad_h_n.size(1);
-  check_shape(c0, {batch, H}, kBwd, "c0");
-  check_shape(w_hh, {4 * H, P}, kBwd, "w_hh");
-  check_shape(grad_out, {steps, batch, P}, kBwd, "grad_out");
-  check_shape(grad_h_n, {batch, P}, kBwd, "grad_h_n");
-  check_shape(grad_c_n, {batch, H}, kBwd, "grad_c_n");
-  check_projection(w_hr, P, H, dtype, kBwd);
-  check_valid(valid, steps, batch, kBwd);
-  const bool* v = valid_ptr(valid);
-  if (dtype == at::kBFloat16) {
-    auto [dg, dh, dc, dw] = lstm_backward_impl<float>(up(gates), up(c0), up(w_hh), up(w_hr), up(grad_out),
-                                                      up(grad_h_n), up(grad_c_n), v, p);
-    return {dg.to(dtype), dh.to(dtype), dc.to(dtype), dw.to(dtype)};
-  }
-  std::tuple<Tensor, Tensor, Tensor, Tensor> result;
-  AT_DISPATCH_FLOATING_TYPES(dtype, "lstm_backward_chunk", [&] {
-    result = lstm_backward_impl<scalar_t>(gates, c0, w_hh, w_hr, grad_out, grad_h_n, grad_c_n, v, p);
+  const ChunkArgs a =
+      check_lstm_backward_chunk(kCpuKernels, gates, c0, w_hh, w_hr, grad_out, grad_h_n, grad_c_n, valid);
+  const StepPath p = step_path(path, a.dtype, a.op);
+  Float32Compute fc(a.dtype);
+  Tensor d_gates, dh, dc, d_w_hr;
+  fc.run([&](auto zero) {
+    using T = decltype(zero);
+    std::tie(d_gates, dh, dc, d_w_hr) = lstm_backward_impl<T>(fc.in(gates), fc.in(c0), fc.in(w_hh), fc.in(w_hr),
+                                                               fc.in(grad_out), fc.in(grad_h_n), fc.in(grad_c_n),
+                                                               a.valid, p);
   });
-  return result;
+  return {fc.result(d_gates), fc.result(dh), fc.result(dc), fc.result(d_w_hr)};
 }
 
 }  // namespace

@@ -146,9 +146,6 @@ std::tuple<Tensor, Tensor> rnn_backward_impl(const Tensor& out, const Tensor& w_
 
 // ----------------------------------------------------------------------------- ops
 
-constexpr const char* kFwd = "fastbptt::rnn_forward_chunk";
-constexpr const char* kBwd = "fastbptt::rnn_backward_chunk";
-
 bool rnn_small_batch(c10::string_view path, at::ScalarType dtype, const char* op) {
   const StepPath p = step_path(path, dtype, op);
   TORCH_CHECK(p != StepPath::packed, op, ": the packed path exists for GRU and LSTM without projection, not the RNN");
@@ -157,57 +154,30 @@ bool rnn_small_batch(c10::string_view path, at::ScalarType dtype, const char* op
 
 Tensor rnn_forward_chunk(const Tensor& pre_in, const Tensor& h0, const Tensor& w_hh,
                          const std::optional<Tensor>& valid, const Tensor& out, bool relu, c10::string_view path) {
-  check_first(pre_in, kFwd, "pre_in");
-  const auto dtype = pre_in.scalar_type();
-  const bool small = rnn_small_batch(path, dtype, kFwd);
-  const int64_t steps = pre_in.size(0), batch = pre_in.size(1), H = pre_in.size(2);
-  check_cpu_tensor(pre_in, kFwd, "pre_in", dtype, 3);
-  check_cpu_tensor(h0, kFwd, "h0", dtype, 2);
-  check_cpu_tensor(w_hh, kFwd, "w_hh", dtype, 2);
-  check_cpu_tensor(out, kFwd, "out", dtype, 3);
-  check_shape(h0, {batch, H}, kFwd, "h0");
-  check_shape(w_hh, {H, H}, kFwd, "w_hh");
-  check_shape(out, {steps, batch, H}, kFwd, "out");
-  check_valid(valid, steps, batch, kFwd);
-  const bool* v = valid_ptr(valid);
-  if (dtype == at::kBFloat16) {
-    Tensor out32 = at::empty(out.sizes(), out.options().dtype(at::kFloat));
-    Tensor h = rnn_forward_impl<float>(up(pre_in), up(h0), up(w_hh), v, out32, relu, small);
-    out.copy_(out32);
-    return h.to(dtype);
-  }
+  const ChunkArgs a = check_rnn_forward_chunk(kCpuKernels, pre_in, h0, w_hh, valid, out);
+  const bool small = rnn_small_batch(path, a.dtype, a.op);
+  Float32Compute fc(a.dtype);
   Tensor h;
-  AT_DISPATCH_FLOATING_TYPES(dtype, "rnn_forward_chunk", [&] {
-    h = rnn_forward_impl<scalar_t>(pre_in, h0, w_hh, v, out, relu, small);
+  fc.run([&](auto zero) {
+    using T = decltype(zero);
+    h = rnn_forward_impl<T>(fc.in(pre_in), fc.in(h0), fc.in(w_hh), a.valid, fc.out(out), relu, small);
   });
-  return h;
+  return fc.result(h);
 }
 
 std::tuple<Tensor, Tensor> rnn_backward_chunk(const Tensor& out, const Tensor& w_hh, const Tensor& grad_out,
                                               const Tensor& grad_h_n, const std::optional<Tensor>& valid,
                                               bool relu, c10::string_view path) {
-  check_first(out, kBwd, "out");
-  const auto dtype = out.scalar_type();
-  const bool small = rnn_small_batch(path, dtype, kBwd);
-  const int64_t steps = out.size(0), batch = out.size(1), H = out.size(2);
-  check_cpu_tensor(out, kBwd, "out", dtype, 3);
-  check_cpu_tensor(w_hh, kBwd, "w_hh", dtype, 2);
-  check_cpu_tensor(grad_out, kBwd, "grad_out", dtype, 3);
-  check_cpu_tensor(grad_h_n, kBwd, "grad_h_n", dtype, 2);
-  check_shape(w_hh, {H, H}, kBwd, "w_hh");
-  check_shape(grad_out, {steps, batch, H}, kBwd, "grad_out");
-  check_shape(grad_h_n, {batch, H}, kBwd, "grad_h_n");
-  check_valid(valid, steps, batch, kBwd);
-  const bool* v = valid_ptr(valid);
-  if (dtype == at::kBFloat16) {
-    auto [d_pre, dh] = rnn_backward_impl<float>(up(out), up(w_hh), up(grad_out), up(grad_h_n), v, relu, small);
-    return {d_pre.to(dtype), dh.to(dtype)};
-  }
-  std::tuple<Tensor, Tensor> result;
-  AT_DISPATCH_FLOATING_TYPES(dtype, "rnn_backward_chunk", [&] {
-    result = rnn_backward_impl<scalar_t>(out, w_hh, grad_out, grad_h_n, v, relu, small);
+  const ChunkArgs a = check_rnn_backward_chunk(kCpuKernels, out, w_hh, grad_out, grad_h_n, valid);
+  const bool small = rnn_small_batch(path, a.dtype, a.op);
+  Float32Compute fc(a.dtype);
+  Tensor d_pre, dh;
+  fc.run([&](auto zero) {
+    using T = decltype(zero);
+    std::tie(d_pre, dh) =
+        rnn_backward_impl<T>(fc.in(out), fc.in(w_hh), fc.in(grad_out), fc.in(grad_h_n), a.valid, relu, small);
   });
-  return result;
+  return {fc.result(d_pre), fc.result(dh)};
 }
 
 }  // namespace

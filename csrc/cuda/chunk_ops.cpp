@@ -23,6 +23,7 @@
 #include <string>
 #include <tuple>
 
+#include "../checks.h"
 #include "launch.h"
 
 namespace fastbptt {
@@ -48,40 +49,8 @@ Dtype dtype_of(const Tensor& t) {
 
 at::ScalarType acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
 
-struct Checker {
-  const char* op;
-  const Tensor& like;  // fixes device and dtype
-
-  void operator()(const Tensor& t, const char* name, at::IntArrayRef shape) const {
-    TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
-    TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but the inputs are on ",
-                like.device());
-    TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
-                " but the inputs are ", like.scalar_type());
-    TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
-    TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-  }
-
-  void optional(const OptTensor& t, const char* name, at::IntArrayRef shape) const {
-    if (t.has_value()) (*this)(*t, name, shape);
-  }
-
-  // valid: [C,B] bool or None -> device pointer or nullptr
-  const bool* valid(const OptTensor& v, int64_t C, int64_t B) const {
-    if (!v.has_value()) return nullptr;
-    TORCH_CHECK(v->scalar_type() == at::kBool, op, ": valid must be a bool tensor, got ", v->scalar_type());
-    TORCH_CHECK(v->device() == like.device(), op, ": valid is on ", v->device(), " but the inputs are on ",
-                like.device());
-    TORCH_CHECK(v->sizes() == at::IntArrayRef({C, B}), op, ": valid must have shape [", C, ", ", B, "], got ",
-                v->sizes());
-    TORCH_CHECK(v->is_contiguous(), op, ": valid must be contiguous");
-    return v->data_ptr<bool>();
-  }
-};
-
-void check_rank(const char* op, const Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
-}
+// What the CUDA ops take (their checks: csrc/checks.h, shared with the CPU ops).
+const Kernels kCudaKernels{at::kCUDA, {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}};
 
 // Address of step s of a contiguous [C, ...] tensor (or nullptr for an absent tensor).
 void* at_step(const Tensor& t, int64_t s) {
@@ -129,15 +98,10 @@ bool runs_persistent(const char* op, c10::string_view path, const char* cell, Dt
 
 Tensor rnn_forward_chunk_cuda(const Tensor& pre_in, const Tensor& h0, const Tensor& w_hh, const OptTensor& valid,
                               Tensor& out, bool relu, c10::string_view path) {
-  const char* op = "fastbptt::rnn_forward_chunk";
-  check_rank(op, pre_in, "pre_in", 3);
-  const int64_t C = pre_in.size(0), B = pre_in.size(1), H = pre_in.size(2);
-  const Checker check{op, pre_in};
-  check(pre_in, "pre_in", {C, B, H});
-  check(h0, "h0", {B, H});
-  check(w_hh, "w_hh", {H, H});
-  check(out, "out", {C, B, H});
-  const bool* v = check.valid(valid, C, B);
+  const ChunkArgs a = check_rnn_forward_chunk(kCudaKernels, pre_in, h0, w_hh, valid, out);
+  const char* op = a.op;
+  const int64_t C = a.steps, B = a.batch, H = a.hidden;
+  const bool* v = a.valid;
   const c10::cuda::CUDAGuard guard(pre_in.device());
   const cudaStream_t stream = current_stream();
   const Dtype dt = dtype_of(pre_in);
@@ -157,15 +121,10 @@ Tensor rnn_forward_chunk_cuda(const Tensor& pre_in, const Tensor& h0, const Tens
 std::tuple<Tensor, Tensor> rnn_backward_chunk_cuda(const Tensor& out, const Tensor& w_hh, const Tensor& grad_out,
                                                    const Tensor& grad_h_n, const OptTensor& valid, bool relu,
                                                    c10::string_view path) {
-  const char* op = "fastbptt::rnn_backward_chunk";
-  check_rank(op, out, "out", 3);
-  const int64_t C = out.size(0), B = out.size(1), H = out.size(2);
-  const Checker check{op, out};
-  check(out, "out", {C, B, H});
-  check(w_hh, "w_hh", {H, H});
-  check(grad_out, "grad_out", {C, B, H});
-  check(grad_h_n, "grad_h_n", {B, H});
-  const bool* v = check.valid(valid, C, B);
+  const ChunkArgs a = check_rnn_backward_chunk(kCudaKernels, out, w_hh, grad_out, grad_h_n, valid);
+  const char* op = a.op;
+  const int64_t C = a.steps, B = a.batch, H = a.hidden;
+  const bool* v = a.valid;
   const c10::cuda::CUDAGuard guard(out.device());
   const cudaStream_t stream = current_stream();
   const Dtype dt = dtype_of(out);
@@ -187,18 +146,10 @@ std::tuple<Tensor, Tensor> rnn_backward_chunk_cuda(const Tensor& out, const Tens
 
 Tensor gru_forward_chunk_cuda(const Tensor& gi, const Tensor& h0, const Tensor& w_hh, const OptTensor& b_hh,
                               const OptTensor& valid, Tensor& out, const OptTensor& gh_out, c10::string_view path) {
-  const char* op = "fastbptt::gru_forward_chunk";
-  check_rank(op, gi, "gi", 3);
-  TORCH_CHECK(gi.size(2) % 3 == 0, op, ": gi must have 3H columns, got ", gi.size(2));
-  const int64_t C = gi.size(0), B = gi.size(1), H = gi.size(2) / 3;
-  const Checker check{op, gi};
-  check(gi, "gi", {C, B, 3 * H});
-  check(h0, "h0", {B, H});
-  check(w_hh, "w_hh", {3 * H, H});
-  check.optional(b_hh, "b_hh", {3 * H});
-  check(out, "out", {C, B, H});
-  check.optional(gh_out, "gh_out", {C, B, 3 * H});
-  const bool* v = check.valid(valid, C, B);
+  const ChunkArgs a = check_gru_forward_chunk(kCudaKernels, gi, h0, w_hh, b_hh, valid, out, gh_out);
+  const char* op = a.op;
+  const int64_t C = a.steps, B = a.batch, H = a.hidden;
+  const bool* v = a.valid;
   const c10::cuda::CUDAGuard guard(gi.device());
   const cudaStream_t stream = current_stream();
   const Dtype dt = dtype_of(gi);
@@ -228,18 +179,10 @@ std::tuple<Tensor, Tensor, Tensor> gru_backward_chunk_cuda(const Tensor& gi, con
                                                            const Tensor& w_hh, const Tensor& grad_out,
                                                            const Tensor& grad_h_n, const OptTensor& valid,
                                                            c10::string_view path) {
-  const char* op = "fastbptt::gru_backward_chunk";
-  check_rank(op, gi, "gi", 3);
-  TORCH_CHECK(gi.size(2) % 3 == 0, op, ": gi must have 3H columns, got ", gi.size(2));
-  const int64_t C = gi.size(0), B = gi.size(1), H = gi.size(2) / 3;
-  const Checker check{op, gi};
-  check(gi, "gi", {C, B, 3 * H});
-  check(gh, "gh", {C, B, 3 * H});
-  check(h_prev, "h_prev", {C, B, H});
-  check(w_hh, "w_hh", {3 * H, H});
-  check(grad_out, "grad_out", {C, B, H});
-  check(grad_h_n, "grad_h_n", {B, H});
-  const bool* v = check.valid(valid, C, B);
+  const ChunkArgs a = check_gru_backward_chunk(kCudaKernels, gi, gh, h_prev, w_hh, grad_out, grad_h_n, valid);
+  const char* op = a.op;
+  const int64_t C = a.steps, B = a.batch, H = a.hidden;
+  const bool* v = a.valid;
   const c10::cuda::CUDAGuard guard(gi.device());
   const cudaStream_t stream = current_stream();
   const Dtype dt = dtype_of(gi);
@@ -272,21 +215,10 @@ std::tuple<Tensor, Tensor, Tensor> gru_backward_chunk_cuda(const Tensor& gi, con
 std::tuple<Tensor, Tensor> lstm_forward_chunk_cuda(const Tensor& gates_in, const Tensor& h0, const Tensor& c0,
                                                    const Tensor& w_hh, const OptTensor& w_hr, const OptTensor& valid,
                                                    Tensor& out, const OptTensor& gates_out, c10::string_view path) {
-  const char* op = "fastbptt::lstm_forward_chunk";
-  check_rank(op, gates_in, "gates_in", 3);
-  check_rank(op, h0, "h0", 2);
-  TORCH_CHECK(gates_in.size(2) % 4 == 0, op, ": gates_in must have 4H columns, got ", gates_in.size(2));
-  const int64_t C = gates_in.size(0), B = gates_in.size(1), H = gates_in.size(2) / 4, P = h0.size(1);
-  TORCH_CHECK(w_hr.has_value() || P == H, op, ": h0 has ", P, " columns but H=", H, " and there is no projection");
-  const Checker check{op, gates_in};
-  check(gates_in, "gates_in", {C, B, 4 * H});
-  check(h0, "h0", {B, P});
-  check(c0, "c0", {B, H});
-  check(w_hh, "w_hh", {4 * H, P});
-  check.optional(w_hr, "w_hr", {P, H});
-  check(out, "out", {C, B, P});
-  check.optional(gates_out, "gates_out", {C, B, 4 * H});
-  const bool* v = check.valid(valid, C, B);
+  const ChunkArgs a = check_lstm_forward_chunk(kCudaKernels, gates_in, h0, c0, w_hh, w_hr, valid, out, gates_out);
+  const char* op = a.op;
+  const int64_t C = a.steps, B = a.batch, H = a.hidden, P = a.proj;
+  const bool* v = a.valid;
   const c10::cuda::CUDAGuard guard(gates_in.device());
   const cudaStream_t stream = current_stream();
   const Dtype dt = dtype_of(gates_in);
@@ -330,22 +262,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward_chunk_cuda(const Tensor
                                                                     const Tensor& grad_out, const Tensor& grad_h_n,
                                                                     const Tensor& grad_c_n, const OptTensor& valid,
                                                                     c10::string_view path) {
-  const char* op = "fastbptt::lstm_backward_chunk";
-  check_rank(op, gates, "gates", 3);
-  check_rank(op, grad_h_n, "grad_h_n", 2);
-  TORCH_CHECK(gates.size(2) % 4 == 0, op, ": gates must have 4H columns, got ", gates.size(2));
-  const int64_t C = gates.size(0), B = gates.size(1), H = gates.size(2) / 4, P = grad_h_n.size(1);
-  TORCH_CHECK(w_hr.has_value() || P == H, op, ": grad_h_n has ", P, " columns but H=", H,
-              " and there is no projection");
-  const Checker check{op, gates};
-  check(gates, "gates", {C, B, 4 * H});
-  check(c0, "c0", {B, H});
-  check(w_hh, "w_hh", {4 * H, P});
-  check.optional(w_hr, "w_hr", {P, H});
-  check(grad_out, "grad_out", {C, B, P});
-  check(grad_h_n, "grad_h_n", {B, P});
-  check(grad_c_n, "grad_c_n", {B, H});
-  const bool* v = check.valid(valid, C, B);
+  const ChunkArgs a = check_lstm_backward_chunk(kCudaKernels, gates, c0, w_hh, w_hr, grad_out, grad_h_n, grad_c_n,
+                                                 valid);
+  const char* op = a.op;
+  const int64_t C = a.steps, B = a.batch, H = a.hidden, P = a.proj;
+  const bool* v = a.valid;
   const c10::cuda::CUDAGuard guard(gates.device());
   const cudaStream_t stream = current_stream();
   const Dtype dt = dtype_of(gates);
