@@ -12,8 +12,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (NUM_WARPS, block_sizes, check_launch, grid, load_tile, precision, scratch, sigmoid, store_step,
-                     store_tile, tanh, valid_arg, w_tile, w_tile_t)
+from .cells import gru_gates, gru_grads, gru_next_state
+from .common import (NUM_WARPS, block_sizes, check_launch, grid, load_tile, precision, scratch, store_step, store_tile,
+                     valid_arg, w_tile, w_tile_t)
 
 
 @triton.jit
@@ -67,11 +68,10 @@ def gru_forward_kernel(
                 store_tile(p_gh_t, acc_r, o_b, o_j, m_b, 3 * H, H)
                 store_tile(p_gh_t + H, acc_z, o_b, o_j, m_b, 3 * H, H)
                 store_tile(p_gh_t + 2 * H, acc_n, o_b, o_j, m_b, 3 * H, H)
-            r = sigmoid(load_tile(p_gi_t, o_b, o_j, m_b, 3 * H, H) + acc_r)
-            z = sigmoid(load_tile(p_gi_t + H, o_b, o_j, m_b, 3 * H, H) + acc_z)
-            n = tanh(load_tile(p_gi_t + 2 * H, o_b, o_j, m_b, 3 * H, H) + r * acc_n)
-            h_prev = load_tile(p_cur, o_b, o_j, m_b, H, H)
-            h = (1.0 - z) * n + z * h_prev
+            r, z, n = gru_gates(load_tile(p_gi_t, o_b, o_j, m_b, 3 * H, H),
+                                load_tile(p_gi_t + H, o_b, o_j, m_b, 3 * H, H),
+                                load_tile(p_gi_t + 2 * H, o_b, o_j, m_b, 3 * H, H), acc_r, acc_z, acc_n)
+            h = gru_next_state(z, n, load_tile(p_cur, o_b, o_j, m_b, H, H))
             store_step(p_cur, p_nxt, p_out + t * B * H, h, p_valid + t * B, o_b, o_j, m_b, H, HAS_VALID)
         # h_t is complete before any tile of step t + 1 reads it
         tl.debug_barrier()
@@ -111,15 +111,12 @@ def gru_backward_kernel(
             dh_carry = load_tile(p_dh, o_b, o_j, m_b, H, H)
             dh = dh_carry + load_tile(p_gout + t * B * H, o_b, o_j, m_b, H, H)
             gh_n = load_tile(p_gh + g_off + 2 * H, o_b, o_j, m_b, 3 * H, H)
-            r = sigmoid(load_tile(p_gi + g_off, o_b, o_j, m_b, 3 * H, H)
-                           + load_tile(p_gh + g_off, o_b, o_j, m_b, 3 * H, H))
-            z = sigmoid(load_tile(p_gi + g_off + H, o_b, o_j, m_b, 3 * H, H)
-                           + load_tile(p_gh + g_off + H, o_b, o_j, m_b, 3 * H, H))
-            n = tanh(load_tile(p_gi + g_off + 2 * H, o_b, o_j, m_b, 3 * H, H) + r * gh_n)
-            h_prev = load_tile(p_hp + t * B * H, o_b, o_j, m_b, H, H)
-            d_n = dh * (1.0 - z) * (1.0 - n * n)
-            d_z = dh * (h_prev - n) * z * (1.0 - z)
-            d_r = d_n * gh_n * r * (1.0 - r)
+            r, z, n = gru_gates(load_tile(p_gi + g_off, o_b, o_j, m_b, 3 * H, H),
+                                load_tile(p_gi + g_off + H, o_b, o_j, m_b, 3 * H, H),
+                                load_tile(p_gi + g_off + 2 * H, o_b, o_j, m_b, 3 * H, H),
+                                load_tile(p_gh + g_off, o_b, o_j, m_b, 3 * H, H),
+                                load_tile(p_gh + g_off + H, o_b, o_j, m_b, 3 * H, H), gh_n)
+            d_r, d_z, d_n = gru_grads(r, z, n, gh_n, load_tile(p_hp + t * B * H, o_b, o_j, m_b, H, H), dh)
             direct = dh * z
             if HAS_VALID:
                 d_n = tl.where(b_v[:, None], d_n, 0.0)

@@ -16,8 +16,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (NUM_WARPS, block_sizes, check_launch, grid, load_tile, precision, scratch, sigmoid, store_step,
-                     store_tile, tanh, valid_arg, w_tile, w_tile_t)
+from .cells import lstm_gates, lstm_grads, lstm_hidden, lstm_next_cell
+from .common import (NUM_WARPS, block_sizes, check_launch, grid, load_tile, precision, scratch, store_step, store_tile,
+                     tanh, valid_arg, w_tile, w_tile_t)
 
 
 @triton.jit
@@ -80,8 +81,8 @@ def lstm_forward_kernel(
                 store_tile(p_gates_t + 2 * H, acc_g, o_b, o_j, m_b, 4 * H, H)
                 store_tile(p_gates_t + 3 * H, acc_o, o_b, o_j, m_b, 4 * H, H)
             c_prev = load_tile(p_ccur, o_b, o_j, m_b, H, H)
-            c = sigmoid(acc_f) * c_prev + sigmoid(acc_i) * tanh(acc_g)
-            m = sigmoid(acc_o) * tanh(c)
+            c = lstm_next_cell(acc_i, acc_f, acc_g, c_prev)
+            m = lstm_hidden(acc_o, c)
             if HAS_VALID:
                 c = tl.where(b_v[:, None], c, c_prev)
             store_tile(p_cnxt, c, o_b, o_j, m_b, H, H)
@@ -134,9 +135,8 @@ def lstm_backward_kernel(
         for j0 in range(0, H, BLOCK_N):
             o_j = j0 + o_n
             c_prev = load_tile(p_call + t * B * H, o_b, o_j, m_b, H, H)
-            c = (sigmoid(load_tile(p_g_t + H, o_b, o_j, m_b, 4 * H, H)) * c_prev
-                 + sigmoid(load_tile(p_g_t, o_b, o_j, m_b, 4 * H, H))
-                 * tanh(load_tile(p_g_t + 2 * H, o_b, o_j, m_b, 4 * H, H)))
+            c = lstm_next_cell(load_tile(p_g_t, o_b, o_j, m_b, 4 * H, H), load_tile(p_g_t + H, o_b, o_j, m_b, 4 * H, H),
+                               load_tile(p_g_t + 2 * H, o_b, o_j, m_b, 4 * H, H), c_prev)
             if HAS_VALID:
                 c = tl.where(b_v[:, None], c, c_prev)
             store_tile(p_call + (t + 1) * B * H, c, o_b, o_j, m_b, H, H)
@@ -182,22 +182,17 @@ def lstm_backward_kernel(
                 dm = load_tile(p_dhcur, o_b, o_j, m_b, P, P) + load_tile(p_gout + t * B * P, o_b, o_j, m_b, P, P)
                 if HAS_VALID:
                     dm = tl.where(b_v[:, None], dm, 0.0)
-            i = sigmoid(load_tile(p_g_t, o_b, o_j, m_b, 4 * H, H))
-            f = sigmoid(load_tile(p_g_t + H, o_b, o_j, m_b, 4 * H, H))
-            g = tanh(load_tile(p_g_t + 2 * H, o_b, o_j, m_b, 4 * H, H))
-            o = sigmoid(load_tile(p_g_t + 3 * H, o_b, o_j, m_b, 4 * H, H))
+            i, f, g, o = lstm_gates(load_tile(p_g_t, o_b, o_j, m_b, 4 * H, H),
+                                    load_tile(p_g_t + H, o_b, o_j, m_b, 4 * H, H),
+                                    load_tile(p_g_t + 2 * H, o_b, o_j, m_b, 4 * H, H),
+                                    load_tile(p_g_t + 3 * H, o_b, o_j, m_b, 4 * H, H))
             c_prev = load_tile(p_call + t * B * H, o_b, o_j, m_b, H, H)
             tanh_c = tanh(load_tile(p_call + (t + 1) * B * H, o_b, o_j, m_b, H, H))
             dc_carry = load_tile(p_dccur, o_b, o_j, m_b, H, H)
             dc = dc_carry
             if HAS_VALID:
                 dc = tl.where(b_v[:, None], dc, 0.0)
-            dc = dc + dm * o * (1.0 - tanh_c * tanh_c)
-            d_i = dc * g * i * (1.0 - i)
-            d_f = dc * c_prev * f * (1.0 - f)
-            d_g = dc * i * (1.0 - g * g)
-            d_o = dm * tanh_c * o * (1.0 - o)
-            dc_prev = dc * f
+            d_i, d_f, d_g, d_o, dc_prev = lstm_grads(i, f, g, o, c_prev, tanh_c, dm, dc)
             if HAS_VALID:
                 dc_prev = tl.where(b_v[:, None], dc_prev, dc_carry)
             p_dgates_t = p_dgates + t * B * 4 * H
