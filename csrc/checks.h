@@ -90,7 +90,7 @@ class OpArgs {
   }
 
   static std::string dtype_list(const std::vector<at::ScalarType>& dtypes) {
-    static const auto name = [](at::ScalarType d) -> std::string {
+    const auto name = [](at::ScalarType d) -> std::string {
       switch (d) {
         case at::kFloat: return "float32";
         case at::kDouble: return "float64";

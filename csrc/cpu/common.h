@@ -7,8 +7,8 @@
 // vectorizes; on x86-64 with GCC each is also compiled for AVX2+FMA and picked at load time
 // (target_clones), so the default build stays portable.
 //
-// The ops check their arguments with OpArgs (csrc/checks.h, shared with the CUDA ops) and run
-// bfloat16 through the float32 kernels with Float32Compute (below).
+// The ops check their arguments with the check_*_chunk functions (csrc/checks.h, shared with the
+// CUDA ops) and run bfloat16 through the float32 kernels with Float32Compute (below).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,9 +18,7 @@
 #include "../checks.h"
 #include "cells/activation.h"
 
-#include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <algorithm>
 #include <optional>
 #include <type_traits>
