@@ -1,13 +1,17 @@
 """Drop-in replacements for ``torch.nn.RNN``, ``torch.nn.GRU`` and ``torch.nn.LSTM``.
 
-Each class is built on ``torch.nn.RNNBase`` exactly as its ``torch.nn`` twin is, so constructor
-arguments, parameters (names, shapes, order, initialisation), ``state_dict``, ``repr`` and
-argument checks are torch's own; only ``forward`` is replaced, by layers of :func:`fastbptt.ops.recurrent_layer`. Extra
-keyword-only arguments: ``chunk_size`` (steps recomputed together in the backward),
-``recompute`` (the memory policy) and ``backend``.
+Each class subclasses its ``torch.nn`` twin, so ``isinstance`` checks, constructor arguments,
+parameters (names, shapes, order, initialisation), ``state_dict`` and argument checks are
+torch's own; only ``forward`` is replaced, by layers of :func:`fastbptt.ops.recurrent_layer`
+(under ``torch.jit.trace`` and ONNX export, torch's own forward runs, so exported graphs use
+the standard operators). ``repr`` names the module as fastbptt's. Extra keyword-only arguments:
+``chunk_size`` (steps recomputed together in the backward), ``recompute`` (the memory policy)
+and ``backend``. Importing fastbptt lets ``torch.load(..., weights_only=True)`` load whole
+models that hold these modules.
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -17,6 +21,26 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import cells, dispatch
 from .ops import DEFAULT_CHUNK_SIZE, check_chunk_size, recurrent_layer
+
+
+# The outputs torch.nn returns in the input's dtype under autocast, by (device type, layer kind);
+# everywhere else all outputs come in the autocast dtype (cuDNN on CUDA; oneDNN's LSTM and ATen's
+# RNN on CPU). On CPU, ATen's GRU cell mixes its float32 state back in, so the whole GRU stays
+# float32 (fastbptt runs it in float32), and ATen's projected LSTM keeps its cell state float32.
+AUTOCAST_INPUT_DTYPE_OUTPUTS = {
+    ("cpu", "GRU"): frozenset({"output", "h_n"}),
+    ("cpu", "LSTM with projection"): frozenset({"c_n"}),
+}
+
+
+def _exporting() -> bool:
+    """Under ``torch.jit.trace`` or an ONNX export (either exporter)."""
+    if torch.compiler.is_dynamo_compiling():
+        return False
+    if torch.jit.is_tracing():
+        return True
+    onnx = sys.modules.get("torch.onnx")  # not imported: no export under way (importing it costs a second)
+    return onnx is not None and onnx.is_in_onnx_export()
 
 
 class _FusedRNNMixin:
@@ -40,8 +64,17 @@ class _FusedRNNMixin:
             s += f", backend={self.backend!r}"
         return s
 
+    def _get_name(self) -> str:
+        # a printed model shows which modules are fastbptt's (a converted model is otherwise torch's look-alike)
+        name = type(self).__name__
+        return f"fastbptt.{name}" if type(self).__module__ == __name__ else name
+
     # ------------------------------------------------------------------ forward
     def forward(self, input, hx=None):
+        if _exporting():
+            # Exporters record torch.nn's forward, whose aten::lstm/gru/rnn_* ops map onto ONNX's own
+            # LSTM/GRU/RNN operators; the maths is the same as the fused kernels'.
+            return super().forward(input, hx)
         lstm = self.mode == "LSTM"
         name = type(self).__name__
         packed = isinstance(input, PackedSequence)
@@ -76,10 +109,14 @@ class _FusedRNNMixin:
             hx = self.permute_hidden(hx, sorted_indices)
         # torch's own checks, for torch's own messages (input size, hidden sizes, dtype)
         self.check_forward_args(checked, hx, input.batch_sizes if packed else None)
-        x, hx = self._autocast(x, hx)
+        input_dtype, keep_dtype = x.dtype, self._autocast_input_dtype_outputs(x)
+        if keep_dtype is not None and "output" not in keep_dtype:
+            x, hx = self._autocast(x, hx)
         self._check_state_dtype_device(x, hx)
 
         output, h_n, c_n = self._run_layers(x, hx, lengths)
+        if keep_dtype and "c_n" in keep_dtype:
+            c_n = c_n.to(input_dtype)
         if packed:
             data = pack_padded_sequence(output, lengths, enforce_sorted=True).data
             output = PackedSequence(data, input.batch_sizes, sorted_indices, unsorted_indices)
@@ -106,12 +143,18 @@ class _FusedRNNMixin:
             raise RuntimeError(f"For {kind} input, hx and cx should also be {want}-D but got "
                                f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
 
-    def _autocast(self, x: Tensor, hx):
-        """Under autocast, run in the autocast dtype as torch.nn's RNNs do."""
+    def _autocast_input_dtype_outputs(self, x: Tensor) -> Optional[frozenset]:
+        """None outside autocast; under it, the outputs torch.nn returns in the input's dtype."""
         device_type = x.device.type
-        if not torch.is_autocast_enabled(device_type):
-            return x, hx
-        dtype = torch.get_autocast_dtype(device_type)
+        if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+            return None
+        kind = "LSTM with projection" if self.mode == "LSTM" and self.proj_size > 0 else self.mode
+        return AUTOCAST_INPUT_DTYPE_OUTPUTS.get((device_type, kind), frozenset())
+
+    @staticmethod
+    def _autocast(x: Tensor, hx):
+        """Input and states in the autocast dtype, as torch.nn's RNNs run under autocast."""
+        dtype = torch.get_autocast_dtype(x.device.type)
         cast = (lambda t: t.to(dtype))
         return cast(x), (tuple(map(cast, hx)) if isinstance(hx, tuple) else cast(hx))
 
@@ -168,49 +211,35 @@ _EXTRA_DOC = ("Takes every argument of ``torch.nn.{name}`` plus the keyword-only
               + ", ".join(dispatch.CHOICES) + ").")
 
 
-# These subclass nn.RNNBase, as torch.nn's classes do, rather than nn.RNN/GRU/LSTM themselves:
-# torch.compile refuses to trace any instance of those three classes.
-class RNN(_FusedRNNMixin, nn.RNNBase):
+# Subclasses of torch.nn's own classes, so user code that branches on ``isinstance(m, nn.LSTM)``
+# (weight-init loops, flatten_parameters calls, parameter groups) treats them alike. The mixin
+# comes first: its forward replaces torch's. Like torch.nn's RNNs, torch.compile graph-breaks at
+# these modules unless ``torch._dynamo.config.allow_rnn`` is set; with it set, the whole forward
+# (fastbptt's custom ops) is traced into one graph.
+class RNN(_FusedRNNMixin, nn.RNN):
     __doc__ = "Drop-in ``torch.nn.RNN`` running on fastbptt's fused kernels.\n\n" + _EXTRA_DOC.format(name="RNN")
 
     def __init__(self, *args, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str = "auto", recompute: bool = True,
                  **kwargs):
-        if "proj_size" in kwargs:
-            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
-        if len(args) > 3:
-            nonlinearity, args = args[3], args[:3] + args[4:]
-        else:
-            nonlinearity = kwargs.pop("nonlinearity", "tanh")
-        modes = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
-        if nonlinearity not in modes:
-            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
-        super().__init__(modes[nonlinearity], *args, **kwargs)
-        self.nonlinearity = nonlinearity
+        nn.RNN.__init__(self, *args, **kwargs)  # torch's own argument checks (nonlinearity, proj_size)
         self._init_fastbptt(chunk_size, backend, recompute)
 
 
-class GRU(_FusedRNNMixin, nn.RNNBase):
+class GRU(_FusedRNNMixin, nn.GRU):
     __doc__ = "Drop-in ``torch.nn.GRU`` running on fastbptt's fused kernels.\n\n" + _EXTRA_DOC.format(name="GRU")
 
     def __init__(self, *args, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str = "auto", recompute: bool = True,
                  **kwargs):
-        if "proj_size" in kwargs:
-            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
-        super().__init__("GRU", *args, **kwargs)
+        nn.GRU.__init__(self, *args, **kwargs)
         self._init_fastbptt(chunk_size, backend, recompute)
 
 
-class LSTM(_FusedRNNMixin, nn.RNNBase):
+class LSTM(_FusedRNNMixin, nn.LSTM):
     __doc__ = "Drop-in ``torch.nn.LSTM`` running on fastbptt's fused kernels.\n\n" + _EXTRA_DOC.format(name="LSTM")
-
-    # torch.nn.LSTM's own checks of the (h_0, c_0) pair
-    get_expected_cell_size = nn.LSTM.get_expected_cell_size
-    check_forward_args = nn.LSTM.check_forward_args
-    permute_hidden = nn.LSTM.permute_hidden
 
     def __init__(self, *args, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str = "auto", recompute: bool = True,
                  **kwargs):
-        super().__init__("LSTM", *args, **kwargs)
+        nn.LSTM.__init__(self, *args, **kwargs)
         self._init_fastbptt(chunk_size, backend, recompute)
 
 
@@ -241,3 +270,7 @@ def convert(model: nn.Module, *, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: 
             module.__class__ = fused_cls
             module._init_fastbptt(chunk_size, backend, recompute)
     return model
+
+
+# whole pickled models holding fastbptt modules load with torch.load's default weights_only=True
+torch.serialization.add_safe_globals([RNN, GRU, LSTM])

@@ -175,3 +175,37 @@ def lstm_backward(gates: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Optional[Tensor
         dh = _keep(valid, t, d_gates @ w_hh, dh)
         dc = _keep(valid, t, dc_prev, dc)
     return grad_gates, dh.clone(), dc.clone(), grad_w_hr
+
+
+# ----------------------------------------------------------------------------- whole layer, differentiable
+
+def layer(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
+          b_ih: Optional[Tensor], b_hh: Optional[Tensor], w_hr: Optional[Tensor], lengths: Optional[Tensor],
+          reverse: bool) -> tuple[Tensor, ...]:
+    """One layer in one direction as plain autograd ops, differentiable to any order: the backward
+    of the fused ops when a graph of the gradients is asked for (``create_graph=True``,
+    ``torch.func.grad``, hessians).
+
+    x: [T, B, I] in time order; the arguments as in :func:`fastbptt.ops.recurrent_layer`.
+    Returns (output [T, B, P], h_n [B, P]) and, for LSTM, c_n [B, H].
+    """
+    spec = cells.SPECS[cell]
+    steps = x.shape[0]
+    valid = None if lengths is None else torch.arange(steps, device=x.device)[:, None] < lengths.to(x.device)[None]
+    gi = torch.nn.functional.linear(x, w_ih, b_ih)  # [T, B, G*H]
+    h, c = h0, c0
+    outputs = [None] * steps
+    for t in (reversed(range(steps)) if reverse else range(steps)):
+        gh = torch.nn.functional.linear(h, w_hh, b_hh)
+        if spec.kernel == "gru":
+            h_new = cells.gru_step(gi[t], gh, h)
+        elif spec.kernel == "lstm":
+            m, c_new = cells.lstm_step(gi[t] + gh, c)
+            h_new = m if w_hr is None else m @ w_hr.t()
+            c = _keep(valid, t, c_new, c)
+        else:
+            h_new = cells.rnn_step(gi[t] + gh, spec.relu)
+        h = _keep(valid, t, h_new, h)
+        outputs[t] = _zero_invalid(valid, t, h)
+    output = torch.stack(outputs)
+    return (output, h, c) if spec.has_cell_state else (output, h)

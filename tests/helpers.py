@@ -154,13 +154,16 @@ def assert_lowp_parity(case: Case, backend: str, dtype, device="cpu") -> None:
         assert err <= bound, f"{backend} {dtype} {key}: error {err:.3g} > {bound:.3g} (torch.nn's {torch_err[key]:.3g})"
 
 
-def assert_compile_matches_eager(model: torch.nn.Module, x: torch.Tensor) -> None:
-    """torch.compile(fullgraph=True) traces ``model`` without graph breaks and gives the eager
-    output and input gradient."""
+def assert_compile_matches_eager(model: torch.nn.Module, x: torch.Tensor, fullgraph: bool = True) -> None:
+    """torch.compile traces ``model`` and gives the eager output and input gradient. fullgraph:
+    without graph breaks, which dynamo allows for modules that are ``torch.nn`` RNNs (fastbptt's
+    are) only with ``allow_rnn`` set; without fullgraph, dynamo's defaults (a graph break at the
+    RNN module, as for torch.nn's)."""
     torch._dynamo.reset()
     out_e, _ = model(x)
     (g_e,) = torch.autograd.grad(out_e.sum(), x)
-    out_c, _ = torch.compile(model, fullgraph=True)(x)
+    with torch._dynamo.config.patch(allow_rnn=fullgraph):
+        out_c, _ = torch.compile(model, fullgraph=fullgraph)(x)
     (g_c,) = torch.autograd.grad(out_c.sum(), x)
     torch.testing.assert_close(out_c, out_e)
     torch.testing.assert_close(g_c, g_e)

@@ -18,7 +18,7 @@ import torch
 import fastbptt
 from conftest import requires_cuda
 from fastbptt import dispatch, native
-from fastbptt.nn import MODULE_OF_CELL, cell_kwargs
+from fastbptt.nn import MODULE_OF_CELL, TORCH_MODULE_OF_CELL, cell_kwargs
 from helpers import (CHUNK_OP_INPUT_ERRORS, GPU_F32_TOLERANCE, TOLERANCES, Case, assert_compile_matches_eager,
                      assert_lowp_parity, assert_parity, assert_results_close, chunk_op_args, make_inputs, make_pair,
                      replace_arg, run)
@@ -178,6 +178,22 @@ def test_torch_compile_fullgraph_matches_eager(cell):
     cls = {"gru": fastbptt.GRU, "lstm": fastbptt.LSTM, "rnn_tanh": fastbptt.RNN}[cell]
     model = cls(8, 16, num_layers=2, bidirectional=True, batch_first=True, backend="cuda").cuda()
     assert_compile_matches_eager(model, torch.randn(3, 11, 8, device="cuda", requires_grad=True))
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cell,proj", [("rnn_tanh", 0), ("gru", 0), ("lstm", 0), ("lstm", 4)])
+def test_autocast_returns_cudnn_dtypes(cell, proj, dtype):
+    """Under CUDA autocast, the output and state dtypes torch.nn (cuDNN) returns."""
+    kwargs = dict(cell_kwargs(cell), **({"proj_size": proj} if proj else {}))
+    ref = TORCH_MODULE_OF_CELL[cell](8, 16, **kwargs).cuda()
+    fast = MODULE_OF_CELL[cell](8, 16, **kwargs).cuda()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 3, 8, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        got, want = fast(x), ref(x)
+    flat = lambda result: [result[0], *(result[1] if isinstance(result[1], tuple) else (result[1],))]
+    assert [t.dtype for t in flat(got)] == [t.dtype for t in flat(want)]
 
 
 @gpu_test

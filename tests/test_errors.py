@@ -74,13 +74,27 @@ def test_lstm_hx_must_be_a_pair():
         fastbptt.LSTM(4, 6)(torch.randn(5, 3, 4), torch.randn(1, 3, 6))
 
 
-@pytest.mark.parametrize("value,exc,match", [(0, ValueError, "chunk_size must be a positive integer"),
-                                             (-3, ValueError, "chunk_size must be a positive integer"),
+@pytest.mark.parametrize("value,exc,match", [(0, ValueError, re.escape("must lie in [1, 2**63 - 1], got 0")),
+                                             (-3, ValueError, re.escape("must lie in [1, 2**63 - 1], got -3")),
+                                             (2**63, ValueError, re.escape("must lie in [1, 2**63 - 1], got 9223")),
                                              (2.5, TypeError, "chunk_size should be of type int"),
                                              (True, TypeError, "chunk_size should be of type int")])
 def test_bad_chunk_size(value, exc, match):
     with pytest.raises(exc, match=match):
         fastbptt.GRU(4, 6, chunk_size=value)
+
+
+def test_largest_chunk_size_runs():
+    out, _ = fastbptt.GRU(4, 6, chunk_size=2**63 - 1)(torch.randn(5, 3, 4, requires_grad=True))
+    out.sum().backward()
+
+
+@pytest.mark.parametrize("cls", [fastbptt.RNN, fastbptt.GRU, fastbptt.LSTM])
+def test_output_edited_in_place_says_why(cls):
+    out, _ = cls(4, 6)(torch.randn(5, 3, 4, requires_grad=True))
+    out.mul_(2)
+    with pytest.raises(RuntimeError, match=r"output was modified in place before the backward.*out.clone\(\)"):
+        out.sum().backward()
 
 
 def test_unknown_backend():

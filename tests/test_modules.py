@@ -1,5 +1,7 @@
 """Drop-in behaviour: same parameters and initialisation as torch.nn, state_dict both ways,
-convert(), autocast, repr, and the info command."""
+isinstance, whole-model torch.save/torch.load, convert(), autocast dtypes, the meta device, repr,
+and the info command."""
+import io
 import subprocess
 import sys
 
@@ -23,7 +25,24 @@ def test_same_parameters_and_initialisation(pair, config):
     assert [(n, p.shape) for n, p in ref.named_parameters()] == [(n, p.shape) for n, p in fast.named_parameters()]
     for (_, a), (_, b) in zip(ref.named_parameters(), fast.named_parameters()):
         assert torch.equal(a, b)
-    assert repr(ref) == repr(fast)
+    assert repr(fast) == "fastbptt." + repr(ref)  # torch's repr, naming the module as fastbptt's
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=lambda p: p[0].__name__)
+def test_isinstance_of_the_torch_class(pair):
+    assert isinstance(pair[1](5, 7), pair[0]) and isinstance(pair[1](5, 7), torch.nn.RNNBase)
+    others = [torch_cls for torch_cls, _ in PAIRS if torch_cls is not pair[0]]
+    assert not any(isinstance(pair[1](5, 7), other) for other in others)
+
+
+def test_repr_inside_a_model_names_fastbptt():
+    model = fastbptt.convert(Tagger())
+    assert "(rnn): fastbptt.LSTM(4, 6, num_layers=2, batch_first=True)" in repr(model)
+    assert "(1): fastbptt.RNN(5, 3)" in repr(model)
+
+    class MyGRU(fastbptt.GRU):  # a user's subclass keeps its own name
+        pass
+    assert repr(MyGRU(2, 3)) == "MyGRU(2, 3)"
 
 
 def test_lstm_projection_parameters():
@@ -55,7 +74,7 @@ def test_state_dict_both_ways(pair):
 def test_extra_keywords_and_repr():
     m = fastbptt.GRU(4, 8, chunk_size=16, recompute=False, backend="reference")
     assert (m.chunk_size, m.recompute, m.backend) == (16, False, "reference")
-    assert repr(m) == "GRU(4, 8, chunk_size=16, recompute=False, backend='reference')"
+    assert repr(m) == "fastbptt.GRU(4, 8, chunk_size=16, recompute=False, backend='reference')"
     with pytest.raises(TypeError):
         fastbptt.GRU(4, 8, 1, True, False, 0.0, False, None, None, 16)  # chunk_size is keyword-only
 
@@ -81,6 +100,7 @@ def test_convert_keeps_weights_and_results():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     assert fastbptt.convert(model, chunk_size=4) is model
     assert isinstance(model.rnn, fastbptt.LSTM) and isinstance(model.blocks[0], fastbptt.GRU)
+    assert isinstance(model.rnn, torch.nn.LSTM) and isinstance(model.blocks[1], torch.nn.RNN)  # still torch's kind
     assert isinstance(model.blocks[1], fastbptt.RNN) and model.blocks[1].nonlinearity == "relu"
     assert model.rnn.chunk_size == 4
     assert all(a is b for a, b in zip(params, model.parameters()))  # same objects: the optimizer still works
@@ -95,17 +115,59 @@ def test_convert_rejects_bad_options():
         fastbptt.convert(Tagger(), backend="fast")
 
 
-def test_autocast_runs_in_low_precision_like_torch():
-    model, ref = fastbptt.GRU(4, 6), torch.nn.GRU(4, 6)
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pair,kwargs", [(PAIRS[0], {}), (PAIRS[0], dict(nonlinearity="relu")), (PAIRS[1], {}),
+                                         (PAIRS[2], {}), (PAIRS[2], dict(proj_size=3, bidirectional=True))],
+                         ids=["rnn_tanh", "rnn_relu", "gru", "lstm", "lstm-proj"])
+def test_autocast_returns_torch_dtypes(pair, kwargs, autocast_dtype):
+    """CPU autocast: the dtypes torch.nn returns (low precision for RNN and LSTM, float32 for GRU),
+    values within low-precision error of torch.nn's, and float32 parameter gradients."""
+    ref, model = pair[0](4, 6, **kwargs), pair[1](4, 6, **kwargs)
     model.load_state_dict(ref.state_dict())
     x = torch.randn(5, 2, 4)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, h = model(x)
-        ref_out, _ = ref(x)
-    assert out.dtype == torch.bfloat16 and h.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        out, hidden = model(x)
+        try:
+            ref_out, ref_hidden = ref(x)
+        except RuntimeError as exc:  # oneDNN's float16 LSTM needs AVX512-FP16 or AMX-FP16
+            pytest.skip(f"torch.nn's own {pair[0].__name__} fails under {autocast_dtype} autocast here: {exc}")
+    states, ref_states = (hidden, ref_hidden) if isinstance(hidden, tuple) else ((hidden,), (ref_hidden,))
+    assert [t.dtype for t in (out, *states)] == [t.dtype for t in (ref_out, *ref_states)]
     torch.testing.assert_close(out.float(), ref_out.float(), atol=3e-2, rtol=3e-2)
     out.float().sum().backward()
     assert model.weight_hh_l0.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=lambda p: p[0].__name__)
+def test_whole_model_torch_load_with_weights_only(pair, tmp_path):
+    """torch.save(model) then torch.load(path) with its default weights_only=True: a model whose
+    other classes the user allow-listed loads once fastbptt is imported."""
+    model = torch.nn.Sequential(pair[1](5, 7, 2, chunk_size=3))
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    with torch.serialization.safe_globals([torch.nn.Sequential]):
+        loaded = torch.load(path)
+    assert type(loaded[0]) is pair[1] and loaded[0].chunk_size == 3
+    x = torch.randn(4, 2, 5)
+    torch.testing.assert_close(loaded[0](x)[0], model[0](x)[0])
+    code = ("import sys, torch, fastbptt\n"  # a fresh process: importing fastbptt is all it takes
+            "torch.serialization.add_safe_globals([torch.nn.Sequential])\n"
+            "assert type(torch.load(sys.argv[1])[0]).__module__ == 'fastbptt.nn'\n")
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=lambda p: p[0].__name__)
+def test_meta_device_propagates_shapes(pair):
+    """Deferred initialisation (device="meta", FSDP): shapes and dtypes as torch.nn gives them, forward and backward."""
+    ref, model = pair[0](5, 7, 2, bidirectional=True, device="meta"), pair[1](5, 7, 2, bidirectional=True, device="meta")
+    x = torch.randn(6, 3, 5, device="meta", requires_grad=True)
+    out, hidden = model(x)
+    ref_out, ref_hidden = ref(x)
+    flat = lambda t: t if isinstance(t, tuple) else (t,)
+    assert [(t.shape, t.dtype, t.device) for t in (out, *flat(hidden))] == [
+        (t.shape, t.dtype, t.device) for t in (ref_out, *flat(ref_hidden))]
+    out.sum().backward()
+    assert x.grad.shape == x.shape and all(p.grad.shape == p.shape for p in model.parameters())
 
 
 def test_zero_batch():

@@ -1,5 +1,5 @@
-"""The custom ops themselves: registration (opcheck), gradients (gradcheck in float64),
-torch.compile, the activation-memory bound, and random shapes (hypothesis)."""
+"""The custom ops themselves: registration (opcheck), gradients (gradcheck and gradgradcheck in
+float64, torch.func transforms), torch.compile, the activation-memory bound, and random shapes (hypothesis)."""
 import pytest
 import torch
 from hypothesis import given, settings
@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 import fastbptt
 from conftest import cpu_backends
 from fastbptt.bench.memory import saved_activation_bytes
+from fastbptt.nn import MODULE_OF_CELL, TORCH_MODULE_OF_CELL, cell_kwargs
 from helpers import Case, assert_compile_matches_eager, assert_parity
 
 CELLS = ["rnn_tanh", "rnn_relu", "gru", "lstm"]
@@ -59,11 +60,69 @@ def test_gradcheck_float64(backend, cell, proj, reverse, recompute):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("cell,proj", [("rnn_tanh", 0), ("rnn_relu", 0), ("gru", 0), ("lstm", 0), ("lstm", 2)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gradgradcheck_float64(backend, cell, proj, reverse):
+    """Second derivatives (create_graph=True): the backward is itself differentiable."""
+    args = op_args(cell, backend, steps=3, batch=3, inp=2, hidden=2, proj=proj, reverse=reverse)
+    n_out = 3 if cell == "lstm" else 2
+
+    def f(*tensors):
+        return op(cell)(*tensors, *args[len(tensors):])[:n_out]
+
+    tensors = tuple(a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point())
+    assert torch.autograd.gradgradcheck(f, tensors, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_second_order_matches_torch_nn(cell):
+    """Gradient penalty, torch.func.grad of a grad and hessian as torch.nn gives them; vmap too."""
+    from torch.func import functional_call, grad, vmap
+    kwargs = dict(num_layers=2, bidirectional=True, **cell_kwargs(cell))
+    if cell == "lstm":
+        kwargs["proj_size"] = 2
+    torch.manual_seed(0)
+    ref = TORCH_MODULE_OF_CELL[cell](3, 4, **kwargs).double()
+    fast = MODULE_OF_CELL[cell](3, 4, chunk_size=2, **kwargs).double()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+
+    def penalty_grads(model):  # the gradient of a penalty on d(loss)/dx
+        out, _ = model(x)
+        (dx,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+        return (dx,) + torch.autograd.grad(dx.pow(2).sum(), [x, *model.parameters()])
+
+    for got, want in zip(penalty_grads(fast), penalty_grads(ref)):
+        torch.testing.assert_close(got, want)
+
+    def grad_of_grad(model):
+        params = dict(model.named_parameters())
+        loss = lambda inp: functional_call(model, params, (inp,))[0].pow(2).sum()
+        return grad(lambda inp: grad(loss)(inp).pow(2).sum())(x.detach())
+
+    torch.testing.assert_close(grad_of_grad(fast), grad_of_grad(ref))
+    small = x.detach()[:3, :1]
+    hessian = lambda model: torch.autograd.functional.hessian(lambda inp: model(inp)[0].sum(), small)
+    torch.testing.assert_close(hessian(fast), hessian(ref))
+    # vmap over unbatched calls (torch.nn's RNNs have no batching rule: compare with a loop)
+    batched = vmap(lambda inp: fast(inp)[0], in_dims=1)(x.detach())
+    torch.testing.assert_close(batched, torch.stack([ref(row)[0] for row in x.detach().unbind(1)]))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_torch_compile_fullgraph_matches_eager(backend, cell):
     model = {"gru": fastbptt.GRU, "lstm": fastbptt.LSTM}[cell](4, 6, num_layers=2, bidirectional=True,
                                                               batch_first=True, backend=backend)
     assert_compile_matches_eager(model, torch.randn(3, 7, 4, requires_grad=True))
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "gru", "lstm"])
+def test_torch_compile_with_dynamo_defaults_matches_eager(cell):
+    """Without allow_rnn dynamo graph-breaks at any torch.nn RNN, fastbptt's included: the module
+    then runs eagerly inside the compiled model, with the same results."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), MODULE_OF_CELL[cell](4, 6, **cell_kwargs(cell)))
+    assert_compile_matches_eager(model, torch.randn(7, 3, 4, requires_grad=True), fullgraph=False)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())

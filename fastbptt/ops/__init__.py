@@ -10,18 +10,19 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import cells, dispatch
+from .. import cells, dispatch, reference
 from . import library  # noqa: F401  (registers torch.ops.fastbptt.*)
 from .recurrence import chunk_bounds, valid_mask  # noqa: F401
 
 DEFAULT_CHUNK_SIZE = 32
+MAX_CHUNK_SIZE = 2**63 - 1  # the ops take it as a C++ int64
 
 
 def check_chunk_size(chunk_size) -> int:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise TypeError(f"chunk_size should be of type int, got: {type(chunk_size).__name__}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer (steps recomputed together), got {chunk_size}")
+    if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
+        raise ValueError(f"chunk_size (steps recomputed together) must lie in [1, 2**63 - 1], got {chunk_size}")
     return chunk_size
 
 
@@ -42,7 +43,7 @@ def check_lengths(lengths: Optional[Tensor], steps: int, batch: int) -> None:
     if lengths.dtype != torch.int64 or lengths.dim() != 1 or lengths.shape[0] != batch:
         raise RuntimeError(f"Expected lengths to be a 1-D int64 tensor of size {batch}, "
                            f"got {lengths.dtype} of shape {tuple(lengths.shape)}")
-    if not torch.compiler.is_compiling() and lengths.numel() and (
+    if not torch.compiler.is_compiling() and lengths.device.type != "meta" and lengths.numel() and (
             int(lengths.min()) < 1 or int(lengths.max()) > steps):
         raise ValueError(f"lengths must lie in [1, {steps}] (the padded sequence length), "
                          f"got min {int(lengths.min())} and max {int(lengths.max())}")
@@ -86,8 +87,13 @@ def recurrent_layer(cell: str, x: Tensor, hx: Tensor, weight_ih: Tensor, weight_
         _check_tensor("cell state cx", cx, (batch, hidden), x)
         _check_tensor("weight_hr", weight_hr, (out_size, hidden), x)
     check_lengths(lengths, steps, batch)
-    name = dispatch.resolve(backend, cell, x, hidden, out_size if weight_hr is not None else 0)
     tensors = (x, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
+    if not torch.compiler.is_compiling() and any(
+            t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        # inside torch.func transforms (grad, vmap, jacrev, jvp), which custom ops' autograd does not
+        # support: plain PyTorch ops, differentiable and batchable to any order
+        return reference.layer(cell, x, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, reverse)
+    name = dispatch.resolve(backend, cell, x, hidden, out_size if weight_hr is not None else 0)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
         # inference: nothing is kept for a backward, so one chunk spans the sequence, no gates kept
         chunk_size, recompute = steps, True

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.library import Library
 
-from .. import cells
+from .. import cells, reference
 from .recurrence import _backward, _forward
 
 LIB = Library("fastbptt", "FRAGMENT")
@@ -47,6 +47,45 @@ def _fake_grads(diff: tuple, output_mask) -> tuple:
     """Shapes only: a gradient like each wanted differentiable input, empty elsewhere."""
     return tuple(torch.empty_like(t) if (wanted and t is not None) else diff[0].new_empty(0)
                  for t, wanted in zip(diff, output_mask))
+
+
+def _saved_tensors(ctx, cell: str) -> tuple:
+    """``ctx.saved_tensors``, with the reason spelled out when the caller edited the output in place."""
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as exc:
+        if "modified by an inplace operation" not in str(exc):
+            raise
+        raise RuntimeError(
+            f"fastbptt {cell} layer: its output was modified in place before the backward. The backward "
+            f"recomputes the gates from the saved output instead of keeping them, so it needs the output "
+            f"unchanged. Edit a copy instead (out = out.clone() first, or an out-of-place op such as "
+            f"out = out * mask). Autograd's report: {exc}") from None
+
+
+def _differentiable_backward(cell: str, diff: tuple, lengths: Optional[Tensor], grads: tuple, mask: list,
+                             reverse: bool) -> list:
+    """Gradients that can themselves be differentiated (``create_graph=True``, gradient penalties,
+    hessians, ``torch.func``): the vector-Jacobian product of :func:`fastbptt.reference.layer`,
+    built from plain autograd ops. Rarely needed, so it trades the fused kernels' speed for generality."""
+    lstm = cells.SPECS[cell].has_cell_state
+    wanted = [i for i, m in enumerate(mask) if m]
+
+    def layer_of(*tensors):
+        args = list(diff)
+        for i, t in zip(wanted, tensors):
+            args[i] = t
+        if lstm:
+            x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = args
+        else:
+            (x, h0, w_ih, w_hh, b_ih, b_hh), c0, w_hr = args, None, None
+        return reference.layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
+
+    _, vjp = torch.func.vjp(layer_of, *(diff[i] for i in wanted))
+    result = [None] * len(diff)
+    for i, grad in zip(wanted, vjp(tuple(grads))):
+        result[i] = grad
+    return result
 
 
 def _define(cell: str) -> None:
@@ -122,14 +161,17 @@ def _define(cell: str) -> None:
         ctx.set_materialize_grads(True)
 
     def backward_formula(ctx, *grads):
-        saved = ctx.saved_tensors
+        saved = _saved_tensors(ctx, cell)
         diff, lengths, saved_outputs = saved[:n_grads], saved[n_grads], saved[n_grads + 1:]
         mask = [bool(m) and t is not None for m, t in zip(ctx.needs_input_grad[:n_grads], diff)]
         if not any(mask):
             return (None,) * (n_grads + _N_OPTIONS)
         n_state_grads = 3 if lstm else 2
-        op = getattr(torch.ops.fastbptt, f"{cell}_backward")
-        result = op(*grads[:n_state_grads], *diff, lengths, *saved_outputs, *ctx.options, mask)
+        if torch.is_grad_enabled():  # a graph of the gradients is wanted: double backward
+            result = _differentiable_backward(cell, diff, lengths, grads[:n_state_grads], mask, ctx.options[0])
+        else:
+            op = getattr(torch.ops.fastbptt, f"{cell}_backward")
+            result = op(*grads[:n_state_grads], *diff, lengths, *saved_outputs, *ctx.options, mask)
         return tuple(g if m else None for g, m in zip(result, mask)) + (None,) * _N_OPTIONS
 
     torch.library.register_autograd(f"fastbptt::{cell}", backward_formula, setup_context=setup_context, lib=LIB)
