@@ -54,6 +54,14 @@ def float32_compute(kernel):
     return wrapper
 
 
+def valid_mask(lengths: Optional[Tensor], steps: int, reverse: bool, device: torch.device) -> Optional[Tensor]:
+    """[T, B] bool in processing order: step t of row b is real iff t < lengths[b] in time order."""
+    if lengths is None:
+        return None
+    mask = torch.arange(steps, device=device)[:, None] < lengths.to(device)[None, :]
+    return mask.flip(0).contiguous() if reverse else mask
+
+
 def _keep(valid: Optional[Tensor], t: int, new: Tensor, old: Tensor) -> Tensor:
     """Rows that are invalid at step t keep their old state."""
     return new if valid is None else torch.where(valid[t, :, None], new, old)
@@ -191,7 +199,7 @@ def layer(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tensor, 
     """
     spec = cells.SPECS[cell]
     steps = x.shape[0]
-    valid = None if lengths is None else torch.arange(steps, device=x.device)[:, None] < lengths.to(x.device)[None]
+    valid = valid_mask(lengths, steps, False, x.device)  # time order: the loop below indexes by time
     gi = torch.nn.functional.linear(x, w_ih, b_ih)  # [T, B, G*H]
     h, c = h0, c0
     outputs = [None] * steps

@@ -12,7 +12,8 @@ from torch import Tensor
 
 from .. import cells, dispatch, reference
 from . import library  # noqa: F401  (registers torch.ops.fastbptt.*)
-from .recurrence import chunk_bounds, valid_mask  # noqa: F401
+from ..reference import valid_mask  # noqa: F401
+from .recurrence import chunk_bounds  # noqa: F401
 
 DEFAULT_CHUNK_SIZE = 32
 MAX_CHUNK_SIZE = 2**63 - 1  # the ops take it as a C++ int64

@@ -75,11 +75,9 @@ def _differentiable_backward(cell: str, diff: tuple, lengths: Optional[Tensor], 
         args = list(diff)
         for i, t in zip(wanted, tensors):
             args[i] = t
-        if lstm:
-            x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = args
-        else:
-            (x, h0, w_ih, w_hh, b_ih, b_hh), c0, w_hr = args, None, None
-        return reference.layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse)
+        a = dict(zip(_DIFF_ARGS[lstm], args))
+        return reference.layer(cell, a["input"], a["hx"], a.get("cx"), a["weight_ih"], a["weight_hh"], a["bias_ih"],
+                               a["bias_hh"], a.get("weight_hr"), lengths, reverse)
 
     _, vjp = torch.func.vjp(layer_of, *(diff[i] for i in wanted))
     result = [None] * len(diff)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import cells, dispatch
+from ..reference import valid_mask
 
 EMPTY = (0,)
 
@@ -35,14 +36,6 @@ EMPTY = (0,)
 
 def chunk_bounds(steps: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk_size, steps)) for s in range(0, steps, chunk_size)]
-
-
-def valid_mask(lengths: Optional[Tensor], steps: int, reverse: bool, device: torch.device) -> Optional[Tensor]:
-    """[T, B] bool in processing order: step t of row b is real iff t < lengths[b] in time order."""
-    if lengths is None:
-        return None
-    mask = torch.arange(steps, device=device)[:, None] < lengths.to(device)[None, :]
-    return mask.flip(0).contiguous() if reverse else mask
 
 
 def time_slice(t: Tensor, s0: int, s1: int, reverse: bool) -> Tensor:
