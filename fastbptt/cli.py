@@ -11,7 +11,7 @@ COMMANDS = {
     "bench": ("fastbptt.bench.cli", "benchmark speed and memory against torch.nn"),
     "train": ("fastbptt.lm.cli", "train the character language model with TBPTT"),
     "predict": ("fastbptt.lm.cli", "predict from a prefix with a trained checkpoint"),
-    "sweep": ("fastbptt.lm.cli", "train under one budget for several truncation lengths"),
+    "sweep": ("fastbptt.lm.sweep", "train under one budget for several truncation lengths"),
 }
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 import fastbptt
 from fastbptt import tbptt
+from fastbptt.lm.model import sequence_cross_entropy
 from fastbptt.tbptt import StreamBatcher, TrainConfig, Trainer
 
 
@@ -41,6 +42,10 @@ class TinyLM(nn.Module):
 
 def tokens(n=400, vocab=7, seed=1):
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def new_trainer(model, data, cfg, **kw):
+    return Trainer(model, data, cfg, loss_fn=sequence_cross_entropy, **kw)
 
 
 def config(**kw):
@@ -127,7 +132,7 @@ def _saved_bytes_per_window(trainer: Trainer, windows: int, check_detached: bool
 
 @pytest.mark.parametrize("cell,layers", [("gru", 2), ("lstm", 2), ("rnn", 1)])
 def test_state_is_detached_and_the_graph_stays_flat_over_100_windows(cell, layers):
-    trainer = Trainer(TinyLM(cell, layers=layers), tokens(2000), config(batch_size=2, k1=8))
+    trainer = new_trainer(TinyLM(cell, layers=layers), tokens(2000), config(batch_size=2, k1=8))
     sizes = _saved_bytes_per_window(trainer, 100)
     assert trainer.step == 0 and len(sizes) == 100
     assert isinstance(trainer.state, tuple) == (cell == "lstm")
@@ -136,8 +141,8 @@ def test_state_is_detached_and_the_graph_stays_flat_over_100_windows(cell, layer
 
 def test_without_detach_the_second_window_reaches_into_the_first(monkeypatch):
     """The control: the flat-graph test above would catch a missing detach."""
-    monkeypatch.setattr(tbptt, "detach_state", lambda s: s)
-    trainer = Trainer(TinyLM(), tokens(), config())
+    monkeypatch.setattr("fastbptt.tbptt.trainer.detach_state", lambda s: s)
+    trainer = new_trainer(TinyLM(), tokens(), config())
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         _saved_bytes_per_window(trainer, 2, check_detached=False)
 
@@ -176,7 +181,7 @@ def test_k1_k2_gradients_equal_a_hand_unrolled_reference(cell, k1, k2):
     data, updates = tokens(200), 6
     expected = hand_unrolled_grads(TinyLM(cell, layers=2), data, 3, k1, k2, updates, lr=0.1)
     model = TinyLM(cell, layers=2)
-    trainer = Trainer(model, data, config(k1=k1, k2=k2, max_steps=updates))
+    trainer = new_trainer(model, data, config(k1=k1, k2=k2, max_steps=updates))
     got = []
     trainer.optimizer.register_step_pre_hook(lambda opt, *_: got.append([p.grad.clone() for p in model.parameters()]))
     trainer.fit()
@@ -190,7 +195,7 @@ def test_k1_k2_gradients_equal_a_hand_unrolled_reference(cell, k1, k2):
 @pytest.mark.parametrize("clip", ["norm", "value"])
 def test_gradient_clipping(clip):
     data = tokens()
-    reference = Trainer(TinyLM(), data, config(clip="none"))
+    reference = new_trainer(TinyLM(), data, config(clip="none"))
     window = next(iter(reference.batcher))
     reference._forward_backward(window, sync=True)
     raw = [p.grad.clone() for p in reference.model.parameters()]
@@ -198,7 +203,7 @@ def test_gradient_clipping(clip):
     limit = 0.1 * (float(raw_norm) if clip == "norm" else max(float(g.abs().max()) for g in raw))
 
     model = TinyLM()
-    trainer = Trainer(model, data, config(clip=clip, clip_value=limit))
+    trainer = new_trainer(model, data, config(clip=clip, clip_value=limit))
     applied = []
     trainer.optimizer.register_step_pre_hook(lambda *_: applied.append([p.grad.clone() for p in model.parameters()]))
     trainer._forward_backward(next(iter(trainer.batcher)), sync=True)
@@ -218,7 +223,7 @@ def test_gradient_clipping(clip):
 def test_schedules_move_the_learning_rate(schedule):
     cfg = config(optimizer="adam", lr=0.01, schedule=schedule, decay=0.5, decay_steps=2, max_steps=8,
                  warmup_steps=0 if schedule == "plateau" else 2, eval_every=2, min_lr=1e-4)
-    trainer = Trainer(TinyLM(), tokens(), cfg, val_data=tokens(60, seed=5))
+    trainer = new_trainer(TinyLM(), tokens(), cfg, val_data=tokens(60, seed=5))
     lrs = []
     trainer.optimizer.register_step_post_hook(lambda opt, *_: lrs.append(opt.param_groups[0]["lr"]))
     trainer.fit()
@@ -233,7 +238,7 @@ def test_schedules_move_the_learning_rate(schedule):
 def test_bf16_autocast_and_fp16_scaler_run():
     for amp in ("bf16", "fp16"):
         model = TinyLM().float()
-        trainer = Trainer(model, tokens(), config(amp=amp, max_steps=3, clip="norm"), val_data=tokens(60, seed=5))
+        trainer = new_trainer(model, tokens(), config(amp=amp, max_steps=3, clip="norm"), val_data=tokens(60, seed=5))
         summary = trainer.fit()
         assert summary["step"] == 3 and math.isfinite(summary["val_loss"])
         assert trainer.scaler.is_enabled() == (amp == "fp16")
@@ -242,14 +247,14 @@ def test_bf16_autocast_and_fp16_scaler_run():
 def test_gradient_accumulation_equals_the_mean_over_windows():
     """accum_steps=2 over windows w0, w1 gives the mean of their gradients (state carried)."""
     data = tokens()
-    single = Trainer(TinyLM(), data, config(k1=4))
+    single = new_trainer(TinyLM(), data, config(k1=4))
     grads = []
     for window in [w for _, w in zip(range(2), single.batcher)]:
         single.model.zero_grad()
         single._forward_backward(window, sync=True)
         grads.append([p.grad.clone() for p in single.model.parameters()])
     model = TinyLM()
-    trainer = Trainer(model, data, config(k1=4, accum_steps=2, max_steps=1))
+    trainer = new_trainer(model, data, config(k1=4, accum_steps=2, max_steps=1))
     got = []
     trainer.optimizer.register_step_pre_hook(lambda *_: got.append([p.grad.clone() for p in model.parameters()]))
     trainer.fit()
@@ -265,15 +270,15 @@ def test_gradient_accumulation_equals_the_mean_over_windows():
 def test_resume_is_bit_for_bit(tmp_path, options):
     data, val = tokens(600), tokens(80, seed=7)
     cfg = config(optimizer="adam", lr=0.01, max_steps=10, **options)
-    straight = Trainer(TinyLM(layers=2, dropout=0.3), data, cfg, val_data=val)  # dropout draws from the RNG
+    straight = new_trainer(TinyLM(layers=2, dropout=0.3), data, cfg, val_data=val)  # dropout draws from the RNG
     straight.fit()
 
-    first = Trainer(TinyLM(layers=2, dropout=0.3), data, cfg, val_data=val, out_dir=tmp_path)
+    first = new_trainer(TinyLM(layers=2, dropout=0.3), data, cfg, val_data=val, out_dir=tmp_path)
     first.fit(until=5)
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["progress"]["step"] == 5
     torch.manual_seed(1234)                        # a fresh process state ...
-    second = Trainer(TinyLM(layers=2, dropout=0.3, seed=5), data, cfg, val_data=val, out_dir=tmp_path)
+    second = new_trainer(TinyLM(layers=2, dropout=0.3, seed=5), data, cfg, val_data=val, out_dir=tmp_path)
     second.resume(tmp_path / "checkpoint.pt")      # ... restored from the checkpoint
     second.fit()
     assert second.step == straight.step == 10
@@ -284,9 +289,9 @@ def test_resume_is_bit_for_bit(tmp_path, options):
 
 
 def test_checkpoint_errors(tmp_path):
-    trainer = Trainer(TinyLM(), tokens(), config(max_steps=1), out_dir=tmp_path)
+    trainer = new_trainer(TinyLM(), tokens(), config(max_steps=1), out_dir=tmp_path)
     trainer.fit()
-    other = Trainer(TinyLM(hidden=9), tokens(), config(max_steps=1))
+    other = new_trainer(TinyLM(hidden=9), tokens(), config(max_steps=1))
     with pytest.raises(ValueError, match="different model"):
         other.resume(tmp_path / "checkpoint.pt")
     with pytest.raises(FileNotFoundError, match="--resume: checkpoint not found"):
@@ -297,7 +302,7 @@ def test_checkpoint_errors(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable fastbptt checkpoint"):
         other.resume(tmp_path / "garbage.pt")
-    batch = Trainer(TinyLM(), tokens(), config(batch_size=2, max_steps=1))
+    batch = new_trainer(TinyLM(), tokens(), config(batch_size=2, max_steps=1))
     with pytest.raises(ValueError, match="batch_size=3 .* has 2"):
         batch.resume(tmp_path / "checkpoint.pt")
 

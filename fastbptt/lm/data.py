@@ -6,8 +6,8 @@ use the tags are stripped, the text is transliterated to toneless pinyin with ``
 (one syllable per space-separated token, punctuation mapped to ASCII) and the result is cached
 in ``$FASTBPTT_CACHE`` or ``$XDG_CACHE_HOME/fastbptt`` (default ``~/.cache/fastbptt``).
 
-Stream batching for training lives in :mod:`fastbptt.tbptt` (:class:`StreamBatcher`), which
-this module re-exports.
+Stream batching for training lives in :mod:`fastbptt.tbptt.batching` (:class:`StreamBatcher`),
+which this module re-exports.
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ..tbptt import StreamBatcher  # noqa: F401  (re-exported: the LM's data pipeline in one place)
-from ..tbptt import atomic_write
+from ..tbptt.batching import StreamBatcher  # noqa: F401  (re-exported: the LM's data pipeline in one place)
+from ..tbptt.checkpoint import atomic_write
 
 CORPUS_VERSION = 1  # bump when the transliteration changes, so old caches are not reused
 DEFAULT_CORPUS_NAME = f"peoples_daily_199801_pinyin_v{CORPUS_VERSION}.txt"

@@ -21,6 +21,16 @@ _MODULES = {
 # Fields that fix the parameters; the others (implementation, backend, chunking) are run-time
 # choices, so a checkpoint trained with one backend loads into another.
 ARCHITECTURE_FIELDS = ("vocab_size", "cell", "hidden_size", "num_layers", "embedding_dim")
+CURVE_LABEL = "perplexity (per character)"
+
+
+def sequence_cross_entropy(output: Tensor, target: Tensor) -> Tensor:
+    """Mean cross-entropy over all time steps: output [B, T, V] logits, target [B, T] indices.
+    Half-precision logits (autocast) are scored in float32."""
+    logits = output.reshape(-1, output.shape[-1])
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits, target.reshape(-1))
 
 
 @dataclasses.dataclass
