@@ -22,8 +22,8 @@ from typing import Optional
 import torch
 
 from .. import dispatch
-from ..tbptt import (AMP_DTYPES, CLIPS, OPTIMIZERS, SAMPLING, SCHEDULES, TrainConfig, Trainer, load_checkpoint,
-                     seed_everything)
+from ..tbptt import (AMP_DTYPES, CLIPS, NONFINITE, OPTIMIZERS, SAMPLING, SCHEDULES, TrainConfig, Trainer, TrainingError,
+                     load_checkpoint, seed_everything)
 from ..tbptt.distributed import leave_process_group
 from .data import Vocabulary, default_corpus, load_text, split_text
 from .model import (CELLS, CURVE_LABEL, CharLM, LMConfig, check_architecture, model_from_checkpoint,
@@ -105,6 +105,9 @@ def _add_training_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) 
     g.add_argument("--clip-value", type=_positive_float, default=1.0, help="max norm or max |value| (default 1)")
     g.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none",
                    help="mixed precision: bf16, or fp16 with a gradient scaler (default none)")
+    g.add_argument("--on-nonfinite", dest="nonfinite", choices=NONFINITE, default="stop",
+                   help="a NaN/Inf loss or gradient norm: stop the run with an error (default), or skip that "
+                        "update and start the carried state afresh")
     g.add_argument("--accum-steps", type=_positive_int, default=1, help="windows per update (default 1)")
     g.add_argument("--eval-batch-size", type=_positive_int, default=16)
     g.add_argument("--eval-num-steps", type=_positive_int, default=256)
@@ -231,7 +234,7 @@ def _describe(cfg: LMConfig, device: Optional[torch.device] = None) -> str:
 def run_train(args) -> int:
     try:
         return _train(args)
-    except (ValueError, FileNotFoundError, IsADirectoryError, ModuleNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, IsADirectoryError, ModuleNotFoundError, TrainingError) as exc:
         return _fail(str(exc))
 
 
@@ -292,7 +295,7 @@ def _train(args) -> int:
 def run_predict(args) -> int:
     try:
         return _predict(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, TrainingError) as exc:
         return _fail(str(exc))
 
 

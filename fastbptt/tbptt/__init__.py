@@ -24,14 +24,15 @@ equals one process with the whole batch (the loss is a mean over equal-sized sha
 """
 from .batching import StreamBatcher, Window
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_write, load_checkpoint, save_atomic
-from .config import AMP_DTYPES, CLIPS, OPTIMIZERS, SAMPLING, SCHEDULES, TrainConfig
+from .config import AMP_DTYPES, CLIPS, NONFINITE, OPTIMIZERS, SAMPLING, SCHEDULES, TrainConfig
+from .errors import CheckpointError, NonFiniteError, RunDirectoryBusy, TrainingError
 from .metrics import plot_metrics, read_metrics
 from .optim import build_optimizer, build_scheduler
 from .rng import rng_state, seed_everything, set_rng_state
 from .state import detach_state, map_state
 from .trainer import Trainer
 
-__all__ = ["AMP_DTYPES", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "CLIPS", "OPTIMIZERS", "SAMPLING", "SCHEDULES",
-           "StreamBatcher", "TrainConfig", "Trainer", "Window", "atomic_write", "build_optimizer", "build_scheduler",
+__all__ = ["AMP_DTYPES", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "CLIPS", "NONFINITE", "OPTIMIZERS", "SAMPLING",
+           "SCHEDULES", "CheckpointError", "NonFiniteError", "RunDirectoryBusy", "TrainingError", "StreamBatcher", "TrainConfig", "Trainer", "Window", "atomic_write", "build_optimizer", "build_scheduler",
            "detach_state", "load_checkpoint", "map_state", "plot_metrics", "read_metrics", "rng_state", "save_atomic",
            "seed_everything", "set_rng_state"]

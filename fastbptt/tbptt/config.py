@@ -12,6 +12,7 @@ SCHEDULES = ("none", "step", "exponential", "cosine", "plateau")
 CLIPS = ("norm", "value", "none")
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SAMPLING = ("stream", "random")
+NONFINITE = ("stop", "skip")  # what a NaN/Inf loss or gradient norm does to the run
 
 
 def check_positive_int(name: str, value, *, allow_none: bool = False) -> None:
@@ -49,6 +50,7 @@ class TrainConfig:
     plateau_patience: int = 1           # evaluations without improvement before the LR drops
     clip: str = "norm"
     clip_value: float = 1.0             # max global norm (clip="norm") or max |grad| (clip="value")
+    nonfinite: str = "stop"             # a NaN/Inf loss or gradient norm: "stop" the run, or "skip" the update
     amp: str = "none"                   # "bf16" or "fp16" (fp16 uses a GradScaler)
     accum_steps: int = 1                # windows per optimizer update
     eval_every: Optional[int] = None    # updates between evaluations; None: each epoch end only
@@ -79,6 +81,7 @@ class TrainConfig:
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("clip", self.clip, CLIPS)
         check_choice("amp", self.amp, tuple(AMP_DTYPES))
+        check_choice("nonfinite", self.nonfinite, NONFINITE)
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if self.clip != "none" and not self.clip_value > 0:
