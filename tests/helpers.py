@@ -10,7 +10,12 @@ import dataclasses
 from typing import Optional
 
 import torch
+from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
+
+import fastbptt
+from fastbptt.lm.model import sequence_cross_entropy
+from fastbptt.tbptt import TrainConfig, Trainer
 
 from fastbptt.nn import MODULE_OF_CELL as FAST_CLASS
 from fastbptt.nn import cell_kwargs
@@ -229,3 +234,36 @@ CHUNK_OP_INPUT_ERRORS = [
     ("lstm_backward_chunk", 2, lambda a: a[:, :-1].contiguous(), r"expected w_hh of shape"),
     ("lstm_forward_chunk", 0, lambda a: a[0], r"expected gates_in to have 3 dimensions \[C, B, \*\], got 2"),
 ]
+
+
+# ----------------------------------------------------------------------------- the TBPTT trainer
+class TinyLM(nn.Module):
+    """Embedding -> fastbptt RNN -> linear; forward(tokens [B, T], state) -> (logits [B, T, V], state)."""
+
+    def __init__(self, cell="gru", vocab=7, hidden=5, layers=1, dropout=0.0, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        cls = {"rnn": fastbptt.RNN, "gru": fastbptt.GRU, "lstm": fastbptt.LSTM}[cell]
+        self.embedding = nn.Embedding(vocab, 4)
+        self.rnn = cls(4, hidden, layers, batch_first=True, dropout=dropout, chunk_size=2)
+        self.head = nn.Linear(hidden, vocab)
+        self.double()
+
+    def forward(self, tokens, state=None):
+        out, state = self.rnn(self.embedding(tokens), state)
+        return self.head(out), state
+
+
+def tokens(n=400, vocab=7, seed=1):
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def new_trainer(model, data, cfg, **kw):
+    return Trainer(model, data, cfg, loss_fn=sequence_cross_entropy, **kw)
+
+
+def config(**kw):
+    base = dict(batch_size=3, k1=4, optimizer="sgd", lr=0.1, momentum=0.0, clip="none", progress=False,
+                log_every=1000, eval_batch_size=2, eval_num_steps=16)
+    base.update(kw)
+    return TrainConfig(**base)

@@ -11,48 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import fastbptt
 from fastbptt import tbptt
-from fastbptt.lm.model import sequence_cross_entropy
 from fastbptt.tbptt import StreamBatcher, TrainConfig, Trainer
+from helpers import TinyLM, config, new_trainer, tokens
 
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class TinyLM(nn.Module):
-    """Embedding -> fastbptt RNN -> linear; forward(tokens [B, T], state) -> (logits [B, T, V], state)."""
-
-    def __init__(self, cell="gru", vocab=7, hidden=5, layers=1, dropout=0.0, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        cls = {"rnn": fastbptt.RNN, "gru": fastbptt.GRU, "lstm": fastbptt.LSTM}[cell]
-        self.embedding = nn.Embedding(vocab, 4)
-        self.rnn = cls(4, hidden, layers, batch_first=True, dropout=dropout, chunk_size=2)
-        self.head = nn.Linear(hidden, vocab)
-        self.double()
-
-    def forward(self, tokens, state=None):
-        out, state = self.rnn(self.embedding(tokens), state)
-        return self.head(out), state
-
-
-def tokens(n=400, vocab=7, seed=1):
-    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
-
-
-def new_trainer(model, data, cfg, **kw):
-    return Trainer(model, data, cfg, loss_fn=sequence_cross_entropy, **kw)
-
-
-def config(**kw):
-    base = dict(batch_size=3, k1=4, optimizer="sgd", lr=0.1, momentum=0.0, clip="none", progress=False,
-                log_every=1000, eval_batch_size=2, eval_num_steps=16)
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 # ----------------------------------------------------------------------------- stream batching
@@ -122,8 +89,8 @@ def _saved_bytes_per_window(trainer: Trainer, windows: int, check_detached: bool
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            trainer._forward_backward(window, sync=True)
-        trainer._optimizer_step()
+            loss = trainer._forward_backward(window, sync=True)
+        trainer._optimizer_step(loss)
         sizes.append(sum(storages.values()))
         for t in (trainer.state if isinstance(trainer.state, tuple) else (trainer.state,)):
             assert not check_detached or (t.grad_fn is None and not t.requires_grad)
@@ -206,8 +173,8 @@ def test_gradient_clipping(clip):
     trainer = new_trainer(model, data, config(clip=clip, clip_value=limit))
     applied = []
     trainer.optimizer.register_step_pre_hook(lambda *_: applied.append([p.grad.clone() for p in model.parameters()]))
-    trainer._forward_backward(next(iter(trainer.batcher)), sync=True)
-    reported = trainer._optimizer_step()
+    loss = trainer._forward_backward(next(iter(trainer.batcher)), sync=True)
+    reported = trainer._optimizer_step(loss)
     assert reported == pytest.approx(float(raw_norm))
     if clip == "norm":
         for g, r in zip(applied[0], raw):

@@ -30,10 +30,12 @@ class StreamBatcher:
     With ``world_size > 1`` this process yields streams ``[rank*B/w, (rank+1)*B/w)`` of the
     global batch ``B`` (random offsets are drawn for the global batch, then sliced), so the
     processes together read exactly what one process with batch ``B`` reads.
+    names: what the sequence is and which setting sets ``batch_size``, for error messages.
     """
 
     def __init__(self, data: Tensor, batch_size: int, num_steps: int, *, targets: Optional[Tensor] = None,
-                 mode: str = "stream", seed: int = 0, rank: int = 0, world_size: int = 1):
+                 mode: str = "stream", seed: int = 0, rank: int = 0, world_size: int = 1,
+                 names: tuple[str, str] = ("training", "batch_size")):
         check_positive_int("batch_size", batch_size)
         check_positive_int("num_steps", num_steps)
         if mode not in SAMPLING:
@@ -48,8 +50,9 @@ class StreamBatcher:
             inputs = data
         n = inputs.shape[0]
         if n < batch_size:
-            raise ValueError(f"the sequence has {n} training items, fewer than batch_size={batch_size} streams; "
-                             "use a longer text or a smaller --batch-size")
+            role, size_name = names
+            raise ValueError(f"the {role} sequence has {n} items, fewer than {size_name}={batch_size} streams; use a "
+                             f"longer {role} text or a smaller {size_name} (--{size_name.replace('_', '-')})")
         if mode == "random" and n < num_steps:
             raise ValueError(f"random windows of {num_steps} steps need at least that many items, the sequence has {n}")
         self.batch_size, self.num_steps, self.mode = batch_size, num_steps, mode

@@ -13,6 +13,8 @@ CLIPS = ("norm", "value", "none")
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SAMPLING = ("stream", "random")
 NONFINITE = ("stop", "skip")  # what a NaN/Inf loss or gradient norm does to the run
+# settings a resumed run must share with its checkpoint (the rest may change between resumes)
+RESUME_FIXED = ("optimizer", "schedule", "warmup_steps")
 
 
 def check_positive_int(name: str, value, *, allow_none: bool = False) -> None:

@@ -4,10 +4,46 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+from .checkpoint import atomic_write
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def read_metrics(path: str | os.PathLike, *, on_torn_tail: Optional[Callable[[int, str], None]] = None) -> list[dict]:
+    """The records of a metrics log. A last line that is not a whole record (a run killed while
+    appending it) is dropped and reported to ``on_torn_tail(line_number, text)``; a bad line
+    before the end is an error naming the file and line."""
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not {"kind", "step"} <= record.keys():
+                raise ValueError
+        except ValueError:
+            if any(rest.strip() for rest in lines[number:]):
+                raise ValueError(f"{str(path)!r}, line {number}: not a metrics record ({line[:60]!r}); delete "
+                                 "that line or the file to go on") from None
+            if on_torn_tail is not None:
+                on_torn_tail(number, line)
+            break
+        records.append(record)
+    return records
+
+
+def write_metrics(path: str | os.PathLike, records: Iterable[dict]) -> None:
+    """Replaces the log with ``records``, atomically."""
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def append_metrics(path: str | os.PathLike, record: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike, *,
