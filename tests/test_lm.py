@@ -2,11 +2,15 @@
 ``fastbptt train / predict / sweep`` commands end to end on the tiny shipped corpus."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +18,8 @@ import torch
 from fastbptt.cli import main
 from fastbptt.lm import CharLM, LMConfig, Vocabulary, generate, next_char_distribution, tiny_corpus_path, warm_up
 from fastbptt.lm import data as lm_data
+from fastbptt.lm.cli import _plan
+from fastbptt.tbptt.checkpoint import save_checkpoint_file
 
 TINY = str(tiny_corpus_path())
 SMALL = ["--hidden-size", "16", "--embedding-dim", "8", "--batch-size", "4", "--num-steps", "16",
@@ -41,6 +47,10 @@ def test_vocabulary_roundtrip_unknown_and_state():
     with pytest.raises(ValueError, match=r"not in the model's vocabulary: 'xz'"):
         vocab.encode("zixn", strict=True)
     assert Vocabulary.from_state_dict(vocab.state_dict()) == vocab
+    assert vocab.describe() == "7 tokens (6 characters + unknown)"
+    with pytest.raises(ValueError) as exc:
+        vocab.encode("nix", strict=True)
+    assert str(exc.value).endswith("'x'; it has 7 tokens (6 characters + unknown), the characters ' ahino'")
 
 
 def test_pinyin_conversion_of_tagged_text():
@@ -213,12 +223,123 @@ def test_bad_input_gives_clear_messages(tmp_path, capsys):
     assert "--checkpoint: checkpoint not found" in capsys.readouterr().err
 
 
-def test_sweep_writes_table_and_plot(tmp_path, capsys):
-    out = tmp_path / "sweep"
-    assert main(["sweep", "--text", TINY, *SMALL[:-4], "--num-steps", "4", "8", "--budget-seconds", "0.5",
-                 "--baseline", "torch", "--threads", "1", "--out", str(out)]) == 0
-    rows = (out / "sweep.csv").read_text().splitlines()
-    assert rows[0].startswith("num_steps,impl,updates") and len(rows) == 5
-    table = (out / "sweep.md").read_text()
-    assert "| 8 | torch |" in table and "| 4 | fastbptt |" in table
-    assert (out / "sweep.png").stat().st_size > 1000
+# ----------------------------------------------------------------------------- what the commands say
+TINY_MODEL = ["--hidden-size", "12", "--embedding-dim", "6", "--batch-size", "4", "--num-steps", "16",
+              "--val-fraction", "0.1", "--eval-batch-size", "2", "--no-progress", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A checkpoint trained 2 updates, and what the training printed on stderr."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    log = io.StringIO()
+    with contextlib.redirect_stderr(log), contextlib.redirect_stdout(io.StringIO()):
+        assert main(["train", "--text", TINY, *TINY_MODEL, "--device", "cpu", "--max-steps", "2",
+                     "--out", str(out)]) == 0
+    return out / "checkpoint.pt", log.getvalue()
+
+
+def _rewrite_checkpoint(src: Path, dst: Path, edit) -> Path:
+    """A copy of checkpoint ``src`` changed by ``edit(state)``, saved as training saves one."""
+    state = torch.load(src, weights_only=True)
+    state.pop("sha256", None)
+    edit(state)
+    save_checkpoint_file(state, dst)
+    return dst
+
+
+def _predict(capsys, checkpoint, *args) -> tuple[int, str, str]:
+    status = main(["predict", "--checkpoint", str(checkpoint), "--prefix", "ni hao", "--steps", "12", *args])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_train_says_when_the_plan_ends_mid_epoch(tiny_run):
+    windows = int(re.search(r"2 updates planned: [0-9.]+ of an epoch of (\d+) windows \(--max-steps 2\)",
+                            tiny_run[1]).group(1))
+    assert f"2 updates planned: {2 / windows:.2f} of an epoch of {windows} windows (--max-steps 2)" in tiny_run[1]
+
+
+@pytest.mark.parametrize("updates,accum,epochs,max_steps,expected", [
+    (1500, 1, 1, 1500, "1500 updates planned: 0.48 of an epoch of 3152 windows (--max-steps 1500)"),
+    (5000, 1, 3, 5000, "5000 updates planned: 1.59 of 3 epochs of 3152 windows (--max-steps 5000)"),
+    (6304, 1, 2, 10000, "6304 updates planned: 2 epochs of 3152 windows"),
+    (1576, 2, 1, 1576, "1576 updates planned: 1 epoch of 3152 windows, 2 windows per update"),
+    (788, 2, 1, 788, "788 updates planned: 0.50 of an epoch of 3152 windows, 2 windows per update "
+                     "(--max-steps 788)"),
+])
+def test_plan_line(updates, accum, epochs, max_steps, expected):
+    cfg = SimpleNamespace(accum_steps=accum, epochs=epochs, max_steps=max_steps)
+    assert _plan(updates, 3152, cfg) == expected
+
+
+def test_train_and_predict_describe_the_vocabulary_alike(tiny_run, capsys):
+    vocabulary = re.search(r"vocabulary (\d+ tokens \((\d+) characters \+ unknown\))", tiny_run[1])
+    chars = len(set(lm_data.split_text(Path(TINY).read_text(encoding="utf-8"), 0.1)[0]))
+    assert int(vocabulary.group(2)) == chars
+    status, out, _ = _predict(capsys, tiny_run[0])
+    assert status == 0 and f"vocabulary {vocabulary.group(1)}" in out
+    status, _, err = _predict(capsys, tiny_run[0], "--prefix", "ni hao Z")
+    assert status == 2 and f"it has {vocabulary.group(1)}" in err
+
+
+def _samples(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("sample ")]
+
+
+def test_predict_draws_a_fresh_seed_and_prints_it(tiny_run, capsys):
+    runs = [_predict(capsys, tiny_run[0], "--samples", "3") for _ in range(2)]
+    seeds = [int(re.search(r"^samples drawn with --seed (\d+)$", out, re.MULTILINE).group(1)) for _, out, _ in runs]
+    assert seeds[0] != seeds[1]
+    # the printed seed repeats a run's samples exactly
+    for seed, (_, out, _) in zip(seeds, runs):
+        status, again, _ = _predict(capsys, tiny_run[0], "--samples", "3", "--seed", str(seed))
+        assert status == 0 and _samples(again) == _samples(out) and len(_samples(out)) == 3
+        assert f"samples drawn with --seed {seed}" in again
+
+
+@pytest.mark.parametrize("device", ["meta", "gpu", "cuda:x"])
+def test_unsupported_device_is_an_argument_error(device, tiny_run, tmp_path, capsys):
+    expected = f"fastbptt: error: --device: expected cpu, cuda, cuda:N or auto, got {device!r}\n"
+    assert main(["train", "--text", TINY, *TINY_MODEL, "--device", device, "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == expected
+    assert _predict(capsys, tiny_run[0], "--device", device) == (2, "", expected)
+
+
+def test_a_backend_that_cannot_run_here_is_an_argument_error(tiny_run, tmp_path, capsys):
+    assert main(["train", "--text", TINY, *TINY_MODEL, "--device", "cpu", "--backend", "cuda",
+                 "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.startswith("fastbptt: error: --backend cuda: ")
+    assert not (tmp_path / "run").exists()  # stopped before training started
+    assert main(["train", "--text", TINY, *TINY_MODEL, "--device", "cpu", "--cell", "rnn", "--backend", "cpu:packed",
+                 "--out", str(tmp_path / "run")]) == 2
+    assert "--backend cpu:packed: cannot run the float32 RNN layers" in capsys.readouterr().err
+    status, _, err = _predict(capsys, tiny_run[0], "--backend", "cuda")
+    assert status == 2 and err.startswith("fastbptt: error: --backend cuda: ")
+    # a checkpoint trained on kernels that cannot run here names where the backend came from
+    on_cuda = _rewrite_checkpoint(tiny_run[0], tmp_path / "cuda.pt",
+                                  lambda state: state["extra"]["model"].update(backend="cuda"))
+    status, _, err = _predict(capsys, on_cuda)
+    assert status == 2
+    assert err.startswith("fastbptt: error: the checkpoint's backend 'cuda' (choose another with --backend): ")
+    assert _predict(capsys, on_cuda, "--backend", "reference")[0] == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Triton runs compiled on a GPU")
+def test_triton_backend_without_its_interpreter_is_an_argument_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    run = _cli("train", "--text", TINY, *TINY_MODEL, "--device", "cpu", "--backend", "triton",
+               "--out", str(tmp_path / "run"))
+    assert run.returncode == 2
+    assert run.stderr.startswith("fastbptt: error: --backend triton: the triton kernels cannot run on this machine: ")
+    assert "TRITON_INTERPRET=1" in run.stderr
+
+
+def test_predict_rejects_non_finite_weights(tiny_run, tmp_path, capsys):
+    name = next(iter(torch.load(tiny_run[0], weights_only=True)["model"]))
+    broken = _rewrite_checkpoint(tiny_run[0], tmp_path / "nan.pt",
+                                 lambda state: state["model"][name].view(-1)[0].fill_(float("nan")))
+    status, out, err = _predict(capsys, broken)
+    assert status == 2 and out == ""
+    assert err.startswith(f"fastbptt: error: --checkpoint: {str(broken)!r} holds non-finite weights "
+                          f"(NaN/Inf in {name}): ")

@@ -3,8 +3,8 @@
 Examples::
 
     fastbptt bench --quick                       # about a minute on 2 CPU cores
-    fastbptt bench --preset cpu-kernels          # issue 4's grid, written to benchmarks/results/
-    fastbptt bench --preset gpu-kernels          # issues 5/7/8, on a GPU
+    fastbptt bench --preset cpu-kernels          # the CPU kernels' grid, written to benchmarks/results/
+    fastbptt bench --preset gpu-kernels          # the GPU kernels' grid, on a GPU
     fastbptt bench --cells gru --batch 1 16 64 --hidden 256 --steps 512 --modes train
     fastbptt bench --quick --compare old.json    # run, then show the change against old.json
     fastbptt bench --compare old.json new.json   # compare two saved runs, no run
@@ -34,17 +34,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--preset", choices=sorted(config.PRESETS), help="a named grid")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="device (default: the preset's)")
     g = parser.add_argument_group("grid (replaces the preset's values in every one of its grids)")
-    g.add_argument("--cells", nargs="+", choices=("rnn_tanh", "rnn_relu", "gru", "lstm"))
+    g.add_argument("--cells", nargs="+", choices=("rnn_tanh", "rnn_relu", "gru", "lstm"), help="recurrent cells")
     g.add_argument("--modes", nargs="+", choices=config.MODES, help="train = forward+backward, infer = forward")
-    g.add_argument("--dtypes", nargs="+", choices=config.DTYPES)
-    g.add_argument("--batch", nargs="+", type=int, metavar="B")
-    g.add_argument("--hidden", nargs="+", type=int, metavar="H")
+    g.add_argument("--dtypes", nargs="+", choices=config.DTYPES, help="parameter and input dtypes")
+    g.add_argument("--batch", nargs="+", type=int, metavar="B", help="batch sizes")
+    g.add_argument("--hidden", nargs="+", type=int, metavar="H", help="hidden sizes")
     g.add_argument("--input-size", nargs="+", type=int, metavar="I", dest="input_size",
                    help="default: equal to the hidden size")
-    g.add_argument("--steps", nargs="+", type=int, metavar="T")
-    g.add_argument("--layers", nargs="+", type=int, metavar="L")
-    g.add_argument("--directions", nargs="+", type=int, choices=(1, 2), metavar="D")
-    g.add_argument("--chunk-size", nargs="+", type=int, metavar="C", dest="chunk_sizes")
+    g.add_argument("--steps", nargs="+", type=int, metavar="T", help="sequence lengths (time steps)")
+    g.add_argument("--layers", nargs="+", type=int, metavar="L", help="stacked layers")
+    g.add_argument("--directions", nargs="+", type=int, choices=(1, 2), metavar="D",
+                   help="1: unidirectional, 2: bidirectional")
+    g.add_argument("--chunk-size", nargs="+", type=int, metavar="C", dest="chunk_sizes",
+                   help="fastbptt's time steps recomputed together in the backward")
     g.add_argument("--recompute", nargs="+", choices=("on", "off"),
                    help="memory policy: on = keep outputs and chunk states, off = also keep gate pre-activations")
     g.add_argument("--backends", nargs="+", help="fastbptt backends, each forced (default: all for the device)")
@@ -58,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="start no new case after this many seconds; the rest are recorded as skipped")
     t.add_argument("--out", type=Path, help="output folder (default: the preset's)")
     t.add_argument("--name", help="file name stem (default: PRESET-MACHINE)")
-    t.add_argument("--no-plots", action="store_true")
+    t.add_argument("--no-plots", action="store_true", help="write the JSON and markdown only")
     t.add_argument("--list", action="store_true", help="print the cases and candidates, run nothing")
     t.add_argument("--compare", nargs="+", metavar="JSON",
                    help="OLD.json: run, then compare with it; OLD.json NEW.json: compare two runs, no run")

@@ -14,8 +14,10 @@ import argparse
 import dataclasses
 import math
 import os
+import secrets
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +26,7 @@ import torch
 from .. import dispatch
 from ..tbptt import (AMP_DTYPES, CLIPS, NONFINITE, OPTIMIZERS, SAMPLING, SCHEDULES, TrainConfig, Trainer, TrainingError,
                      load_checkpoint, seed_everything)
+from ..tbptt.checkpoint import nonfinite_entries
 from ..tbptt.distributed import leave_process_group
 from .data import Vocabulary, default_corpus, load_text, split_text
 from .model import (CELLS, CURVE_LABEL, CharLM, LMConfig, check_architecture, model_from_checkpoint,
@@ -50,6 +53,7 @@ _positive_int = _checked(int, lambda v: v >= 1, "an integer >= 1")
 _non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
 _positive_float = _checked(float, lambda v: v > 0 and math.isfinite(v), "a number > 0")
 _fraction = _checked(float, lambda v: 0 < v < 1, "a number in (0, 1)")
+_seed = _checked(int, lambda v: 0 <= v < 2**64, "an integer in [0, 2**64)")  # what torch.Generator takes
 
 
 # ----------------------------------------------------------------------------- shared arguments
@@ -91,12 +95,14 @@ def _add_training_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) 
     g.add_argument("--batch-size", type=_positive_int, default=32, help="parallel streams, all processes (default 32)")
     g.add_argument("--sampling", choices=SAMPLING, default="stream",
                    help="stream: consecutive windows carry the state; random: random windows, state reset")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="default adam")
     g.add_argument("--lr", type=_positive_float, default=3e-3, help="default 3e-3")
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--weight-decay", type=float, default=0.0,
+                   help="weight decay: added to the gradient for adam and sgd, decoupled for adamw (default 0)")
     g.add_argument("--schedule", choices=SCHEDULES, default="none" if sweep else "cosine",
                    help="LR schedule (default %(default)s); plateau follows the validation loss")
-    g.add_argument("--warmup-steps", type=_non_negative_int, default=0 if sweep else 20)
+    g.add_argument("--warmup-steps", type=_non_negative_int, default=0 if sweep else 20, metavar="N",
+                   help="updates over which the LR rises linearly from LR/N to LR (default %(default)s)")
     g.add_argument("--decay", type=float, default=0.5, help="step/exponential/plateau LR factor (default 0.5)")
     g.add_argument("--decay-steps", type=_positive_int, default=1000,
                    help="updates per `--decay` factor for step/exponential (default 1000)")
@@ -109,9 +115,12 @@ def _add_training_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) 
                    help="a NaN/Inf loss or gradient norm: stop the run with an error (default), or skip that "
                         "update and start the carried state afresh")
     g.add_argument("--accum-steps", type=_positive_int, default=1, help="windows per update (default 1)")
-    g.add_argument("--eval-batch-size", type=_positive_int, default=16)
-    g.add_argument("--eval-num-steps", type=_positive_int, default=256)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--eval-batch-size", type=_positive_int, default=16,
+                   help="parallel streams over the validation text (default 16)")
+    g.add_argument("--eval-num-steps", type=_positive_int, default=256,
+                   help="time steps per validation window (default 256)")
+    g.add_argument("--seed", type=_seed, default=0,
+                   help="seed of the initial weights, the data order and dropout (default 0)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     g.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -146,22 +155,31 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
                    help="next-character candidates shown, and the sampling cut-off (default 5)")
     p.add_argument("--temperature", type=_positive_float, default=0.8, help="sampling temperature (default 0.8)")
     p.add_argument("--samples", type=_non_negative_int, default=2, help="sampled continuations (default 2)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=_seed,
+                   help="seed of the sampled continuations (default: a fresh one, printed so the run can be repeated)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     p.add_argument("--backend", choices=dispatch.CHOICES, help="override the checkpoint's backend")
     p.add_argument("--baseline", choices=("torch",), help="run the prediction with torch.nn modules")
 
 
 # ----------------------------------------------------------------------------- helpers
 def _resolve_device(name: str) -> torch.device:
+    """``--device``: cpu, cuda, cuda:N or auto (cuda when a GPU is visible); a ValueError otherwise."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise SystemExit(f"fastbptt: error: --device: expected cpu, cuda, cuda:N or auto, got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("fastbptt: error: --device cuda: no CUDA GPU is visible to this torch")
+        device = None
+    # torch knows more device types (meta, mps, xpu, ...), but the model and the kernels run on these two
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu, cuda, cuda:N or auto, got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA GPU is visible to this torch")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: expected cuda:0 to cuda:{count - 1} ({count} CUDA devices visible)")
     return device
 
 
@@ -209,12 +227,40 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _kernel_cell(cfg: LMConfig) -> str:
+    """The model's cell as the kernels name it."""
+    return {"rnn": "rnn_tanh"}.get(cfg.cell, cfg.cell)
+
+
+def _check_backend(cfg: LMConfig, device: torch.device, batches: Iterable[int],
+                   dtypes: Iterable[torch.dtype] = (torch.float32,), where: Optional[str] = None) -> None:
+    """Raises a ValueError starting with ``where`` (default "--backend NAME") when the kernels of
+    ``cfg.backend`` cannot run this model's layers on ``device`` at these batch sizes and dtypes,
+    so that a run fails before it starts rather than at the first layer call."""
+    if cfg.impl == "torch" or cfg.backend == "auto":
+        return
+    name, path = dispatch.split(cfg.backend)
+    where = where or f"--backend {cfg.backend}"
+    reason = dispatch.availability(name)
+    if reason:
+        raise ValueError(f"{where}: the {name} kernels cannot run on this machine: {reason}")
+    cell, layers = _kernel_cell(cfg), f"{cfg.cell.upper()} layers"
+    for dtype in dtypes:
+        dtype_name = str(dtype).removeprefix("torch.")
+        reason = dispatch.decline_reason(name, cell, device.type, dtype, cfg.hidden_size)
+        if reason:
+            raise ValueError(f"{where}: cannot run the {dtype_name} {layers} on {device}: {reason}")
+        for batch in sorted(batches) if path else ():
+            reason = dispatch.path_decline(name, path, cell, dtype, batch, cfg.hidden_size)
+            if reason:
+                raise ValueError(f"{where}: cannot run the {dtype_name} {layers} at batch {batch}: {reason}")
+
+
 def _backend_in_use(cfg: LMConfig, device: torch.device) -> str:
     """The kernels the fastbptt layers will run on ``device`` (what ``auto`` resolves to)."""
-    cell = {"rnn": "rnn_tanh"}.get(cfg.cell, cfg.cell)
     probe = torch.empty(0, device=device)
     try:
-        return dispatch.resolve(cfg.backend, cell, probe, cfg.hidden_size)
+        return dispatch.resolve(cfg.backend, _kernel_cell(cfg), probe, cfg.hidden_size)
     except Exception as exc:  # noqa: BLE001  (only a label: the training run reports real errors)
         return f"{cfg.backend} ({exc})"
 
@@ -231,6 +277,21 @@ def _describe(cfg: LMConfig, device: Optional[torch.device] = None) -> str:
 
 
 # ----------------------------------------------------------------------------- train
+def _plan(updates: int, windows: int, cfg: TrainConfig) -> str:
+    """'1500 updates planned: 0.48 of an epoch of 3152 windows (--max-steps 1500)': how much of
+    the text the planned updates read, so that a run that ends mid-epoch says so."""
+    per_epoch = -(-windows // cfg.accum_steps)  # the last update of an epoch may take fewer windows
+    full, rest = divmod(updates, per_epoch)
+    epochs = full + min(rest * cfg.accum_steps, windows) / windows
+    per_update = f", {cfg.accum_steps} windows per update" if cfg.accum_steps > 1 else ""
+    head = f"{updates} updates planned: "
+    if updates >= per_epoch * cfg.epochs:
+        return head + f"{cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''} of {windows} windows{per_update}"
+    covered = f"{epochs:.2f}" if epochs >= 0.01 else f"{epochs:.1g}"
+    of = "an epoch" if cfg.epochs == 1 else f"{cfg.epochs} epochs"
+    return head + f"{covered} of {of} of {windows} windows{per_update} (--max-steps {cfg.max_steps})"
+
+
 def run_train(args) -> int:
     try:
         return _train(args)
@@ -260,6 +321,9 @@ def _train(args) -> int:
     if ckpt:
         check_architecture(ckpt["extra"]["model"], lm_cfg)
     cfg = _train_config(args)
+    amp_dtype = AMP_DTYPES[cfg.amp]
+    _check_backend(lm_cfg, device, batches={max(1, cfg.batch_size // world), max(1, cfg.eval_batch_size // world)},
+                   dtypes=(torch.float32,) + ((amp_dtype,) if amp_dtype else ()))
     model = CharLM(lm_cfg)
     train_ids, val_ids = vocab.encode(train_text), vocab.encode(val_text)
     extra = {"model": dataclasses.asdict(lm_cfg), "vocab": vocab.state_dict(),
@@ -270,11 +334,11 @@ def _train(args) -> int:
         trainer.load_state_dict(ckpt)
         log(f"resumed from step {trainer.step} (epoch {trainer.batcher.epoch}, window {trainer.batcher.position})")
     log(f"corpus: {len(text):,} characters ({len(train_ids):,} train, {len(val_ids):,} validation), "
-        f"vocabulary {len(vocab)}")
+        f"vocabulary {vocab.describe()}")
     log(f"model: {_describe(lm_cfg, device)}, {model.num_parameters():,} parameters; device {device}"
         + (f", {world} processes" if world > 1 else ""))
-    log(f"TBPTT: k1={cfg.k1}, k2={cfg.backprop_steps}, batch {cfg.batch_size}, {trainer.total_steps} updates "
-        f"planned ({len(trainer.batcher)} windows per epoch)"
+    log(f"TBPTT: k1={cfg.k1}, k2={cfg.backprop_steps}, batch {cfg.batch_size}, "
+        f"{_plan(trainer.total_steps, len(trainer.batcher), cfg)}"
         + (f", time budget {cfg.time_budget:.0f} s" if cfg.time_budget else ""))
     t0 = time.perf_counter()
     summary = trainer.fit()
@@ -309,21 +373,35 @@ def _predict(args) -> int:
         raise ValueError(f"--checkpoint: {args.checkpoint!r} was not written by `fastbptt train` (no vocabulary)")
     vocab = Vocabulary.from_state_dict(extra["vocab"])
     model = model_from_checkpoint(extra, impl="torch" if args.baseline else None, backend=args.backend)
+    _check_backend(model.config, device, batches=(1,), where=None if args.backend else
+                   f"the checkpoint's backend {model.config.backend!r} (choose another with --backend)")
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
         raise ValueError(f"--checkpoint: the weights do not fit the model it describes: {str(exc).splitlines()[0]}")
+    nonfinite = nonfinite_entries(ckpt["model"])
+    if nonfinite:
+        more = f" and {len(nonfinite) - 1} more" if len(nonfinite) > 1 else ""
+        raise ValueError(f"--checkpoint: {args.checkpoint!r} holds non-finite weights (NaN/Inf in "
+                         f"{nonfinite[0]}{more}): the training that wrote it diverged; train again, e.g. with a "
+                         f"lower --lr")
     model.to(device).eval()
     progress = ckpt.get("progress", {})
     val = progress.get("last_val")
-    print(f"model: {_describe(model.config, device)}, trained {progress.get('step', '?')} updates"
+    print(f"model: {_describe(model.config, device)}, vocabulary {vocab.describe()}, "
+          f"trained {progress.get('step', '?')} updates"
           + (f", validation perplexity {math.exp(val):.3f}" if val is not None else ""))
     print(f"prefix: {args.prefix!r}")
     top = next_char_distribution(model, vocab, args.prefix, top_k=args.top_k)
     print(f"next character (top {len(top)}): " + "  ".join(f"{c!r} {p:.3f}" for c, p in top))
     greedy = generate(model, vocab, args.prefix, args.steps, strategy="greedy")
     print(f"greedy, {args.steps} steps:      {args.prefix}[{greedy}]")
-    gen = torch.Generator().manual_seed(args.seed)
+    if not args.samples:
+        return 0
+    # A fresh seed per run unless one is given: a fixed default would draw the same samples for every prefix
+    seed = secrets.randbits(32) if args.seed is None else args.seed
+    print(f"samples drawn with --seed {seed}")
+    gen = torch.Generator().manual_seed(seed)
     for i in range(args.samples):
         sampled = generate(model, vocab, args.prefix, args.steps, strategy="sample", temperature=args.temperature,
                            top_k=args.top_k, generator=gen)

@@ -71,7 +71,11 @@ class Vocabulary:
         return isinstance(other, Vocabulary) and self.itos == other.itos
 
     def __repr__(self) -> str:
-        return f"Vocabulary({len(self)} tokens: {''.join(self.itos[1:])!r})"
+        return f"Vocabulary({self.describe()}: {''.join(self.itos[1:])!r})"
+
+    def describe(self) -> str:
+        """'51 tokens (50 characters + unknown)': the model's output size and what makes it up."""
+        return f"{len(self)} tokens ({len(self) - 1} characters + unknown)"
 
     def unknown_chars(self, text: str) -> list[str]:
         return sorted({c for c in text if c not in self.stoi})
@@ -81,9 +85,8 @@ class Vocabulary:
         if strict:
             missing = self.unknown_chars(text)
             if missing:
-                known = "".join(c for c in self.itos[1:] if c.isprintable())
-                raise ValueError(f"characters not in the model's vocabulary: {''.join(missing)!r} "
-                                 f"(the model knows {len(self) - 1} characters: {known!r})")
+                raise ValueError(f"characters not in the model's vocabulary: {''.join(missing)!r}; it has "
+                                 f"{self.describe()}, the characters {''.join(self.itos[1:])!r}")
         get = self.stoi.get
         return torch.tensor([get(c, 0) for c in text], dtype=torch.int64)
 
