@@ -100,9 +100,14 @@ def environment(device: str) -> dict:
     return env
 
 
+def _on_gpu(env: dict) -> bool:
+    # a CPU run on a machine with a GPU still records the GPU; results without a device ran on it
+    return bool(env.get("gpu")) and env.get("device", "cuda") == "cuda"
+
+
 def where(env: dict) -> str:
-    """The machine a run was measured on, in words: the GPU, else the CPU with its ISA."""
-    if env.get("gpu"):
+    """The machine a run was measured on, in words: the GPU for a GPU run, else the CPU with its ISA."""
+    if _on_gpu(env):
         return env["gpu"]
     isa = f" ({env['cpu_capability']})" if env.get("cpu_capability") else ""  # absent in older results
     return f"{env.get('cpu_model')}{isa}, {env.get('threads')} threads"
@@ -111,7 +116,7 @@ def where(env: dict) -> str:
 def describe(env: dict) -> str:
     """One line naming the machine and versions, for the top of a table."""
     where_ = where(env)
-    if env.get("gpu"):
+    if _on_gpu(env):
         where_ += f" (driver {env.get('gpu_driver')}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')})"
     commit = (env.get("commit") or "unknown")[:10] + ("+dirty" if env.get("dirty") else "")
     return (f"{where_}; torch {env.get('torch')}, Triton {env.get('triton')}, fastbptt {env.get('fastbptt')} "

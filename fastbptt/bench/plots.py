@@ -1,13 +1,86 @@
-"""PNG plots of a run: one figure per (metric, x axis), one panel per cell type and mode, one
-line per candidate. In each panel the other case parameters are held at the combination with
-the most x values in the run."""
+"""PNG plots: figures of panels with one line per label against a log2 x axis
+(:func:`draw_panels`), and a benchmark run's plots built on them: one figure per (metric, x
+axis), one panel per cell type and mode, one line per candidate. In each panel the other case
+parameters are held at the combination with the most x values in the run."""
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterable, Optional, Union
 
 from .environment import where
+
+BASELINE = "torch.nn"  # drawn in black, the other labels in colour
+
+Points = list[tuple[float, float]]
+
+
+@dataclass
+class Panel:
+    """One panel of :func:`draw_panels`: a line per label through its (x, y) points, with an
+    optional dashed gray reference line and a horizontal line at ``hline``."""
+    title: str
+    xlabel: str
+    lines: dict[str, Points]
+    ylabel: str = ""
+    log_y: bool = False
+    reference: Optional[tuple[str, Points]] = None
+    hline: Optional[float] = None
+
+
+def series(rows: Iterable[dict], x: str, y: str, label: Union[str, Callable[[dict], str]]) -> dict[str, Points]:
+    """The (x, y) points of row dicts per label, sorted by x, labels in order of appearance;
+    ``label`` is a row key or a function of the row."""
+    label_of = label if callable(label) else (lambda row: row[label])
+    lines: dict[str, Points] = defaultdict(list)
+    for row in rows:
+        lines[label_of(row)].append((row[x], row[y]))
+    return {lab: sorted(pts) for lab, pts in lines.items()}
+
+
+def draw_panels(panels: list[Panel], path: Path, title: str = "", cols: int = 3, dpi: int = 90) -> Path:
+    """Writes the panels as one PNG, ``cols`` to a row, x on a log2 scale; returns its path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    cols = min(cols, len(panels))
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, panel in zip(axes.flat, panels):
+        for label, pts in panel.lines.items():
+            xs, ys = zip(*pts)
+            style = dict(color="black", linewidth=2) if label == BASELINE else {}
+            ax.plot(xs, ys, marker="o", label=label, **style)
+        if panel.reference:
+            label, pts = panel.reference
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, linestyle="--", color="gray", label=label)
+        if panel.hline is not None:
+            ax.axhline(panel.hline, color="gray", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        if panel.log_y:
+            ax.set_yscale("log")
+        ax.set_xlabel(panel.xlabel)
+        ax.set_ylabel(panel.ylabel)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_title(panel.title, fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- benchmark runs
 
 X_FIELDS = {"batch": "batch size B", "steps": "sequence length T", "hidden": "hidden size H",
             "input_size": "input size I", "layers": "layers"}
@@ -77,47 +150,16 @@ def _fixed_text(fixed: dict) -> str:
 
 def plot(records: list[dict], metric: str, x: str, path: Path, title: str = "") -> Optional[Path]:
     """Writes one PNG; returns its path, or None when the run has fewer than two x values."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    panels = _panels(records, metric, x)
-    if not panels:
+    by_key = _panels(records, metric, x)
+    if not by_key:
         return None
-    keys = sorted(panels)
-    cols = min(3, len(keys))
-    rows = (len(keys) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
-    for ax in axes.flat[len(keys):]:
-        ax.axis("off")
-    for ax, key in zip(axes.flat, keys):
-        fixed, lines, outputs = panels[key]
-        for label, pts in lines.items():
-            xs, ys = zip(*pts)
-            style = dict(color="black", linewidth=2) if label == "torch.nn" else {}
-            ax.plot(xs, ys, marker="o", label=label, **style)
-        if metric == "memory":
-            xs, ys = zip(*outputs)
-            ax.plot(xs, ys, linestyle="--", color="gray", label="output size")
-        if metric == "speedup":
-            ax.axhline(1.0, color="gray", linewidth=0.8)
-        ax.set_xscale("log", base=2)
-        if metric != "speedup":
-            ax.set_yscale("log")
-        ax.set_xlabel(X_FIELDS.get(x, x))
-        ax.set_ylabel(_ylabel(metric, records))
-        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.set_title(f"{key[0]} {key[1]}: {_fixed_text(fixed)}", fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    ylabel = _ylabel(metric, records)
+    panels = [Panel(title=f"{key[0]} {key[1]}: {_fixed_text(fixed)}", xlabel=X_FIELDS.get(x, x), lines=lines,
+                    ylabel=ylabel, log_y=metric != "speedup",
+                    reference=("output size", outputs) if metric == "memory" else None,
+                    hline=1.0 if metric == "speedup" else None)
+              for key, (fixed, lines, outputs) in sorted(by_key.items())]
+    return draw_panels(panels, path, title=title)
 
 
 def plot_all(doc: dict, stem: Path, kinds) -> list[Path]:

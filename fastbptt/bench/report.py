@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 from .environment import describe
 
@@ -67,6 +67,35 @@ def fmt_bytes(n: Optional[float]) -> str:
 
 def fmt_ratio(r: Optional[float]) -> str:
     return "" if r is None or not math.isfinite(r) else f"{r:.2f}x"
+
+
+def fmt_count(n: Optional[int]) -> str:
+    return "" if n is None else f"{n:,}"
+
+
+# ----------------------------------------------------------------------------- tables
+
+class Column(NamedTuple):
+    """One column of :func:`markdown_table`: the row key, its header, how a value is written and
+    whether the column is right-aligned (numbers)."""
+    key: str
+    header: str
+    fmt: Callable[[object], str] = str
+    right: bool = False
+
+
+def table_lines(head: Sequence[str], body: Iterable[Sequence[str]], right: Sequence[bool] = ()) -> list[str]:
+    """A markdown table's lines from its header and rows of cell texts; the columns flagged in
+    ``right`` are right-aligned."""
+    rule = ["---:" if r else "---" for r in right] + ["---"] * (len(head) - len(right))
+    return ["| " + " | ".join(head) + " |", "|" + "|".join(rule) + "|"] + \
+        ["| " + " | ".join(cells) + " |" for cells in body]
+
+
+def markdown_table(rows: Iterable[dict], columns: Sequence[Column]) -> str:
+    """A markdown table of row dicts, one line per row, the cells written by each column's ``fmt``."""
+    body = ([c.fmt(row[c.key]) for c in columns] for row in rows)
+    return "\n".join(table_lines([c.header for c in columns], body, [c.right for c in columns]))
 
 
 def _case_value(field: str, value) -> str:
@@ -135,7 +164,7 @@ def _pivot(records: list[dict], cell_text, notes: _Notes, baseline_text) -> list
         rows.setdefault(k, {})[r["candidate"]["label"]] = r
     names = _headers(records)
     head = [CASE_COLUMNS[f] for f in fields] + ["torch.nn"] + [names[lab] for lab in labels]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    body = []
     for k, by_label in rows.items():
         cells = [_case_value(f, cases[k][f]) for f in fields]
         base = by_label.get("torch.nn")
@@ -148,8 +177,8 @@ def _pivot(records: list[dict], cell_text, notes: _Notes, baseline_text) -> list
                 cells.append(notes.mark(rec))
             else:
                 cells.append(cell_text(rec, base))
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        body.append(cells)
+    return table_lines(head, body)
 
 
 NOISY = 1.5  # max / min over the rounds above which a figure is flagged
@@ -222,7 +251,7 @@ def detail_table(doc: dict) -> str:
     memory."""
     head = ["case", "candidate", "status", "forward ms (min-max)", "backward ms (min-max)", "total ms (min-max)",
             "us/step", "speedup fwd/bwd/total", "saved", "peak", "memory vs torch.nn", "saved / output"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    body = []
 
     def span(s):
         return "" if not s else f"{s['median_ms']:.4g} ({s['min_ms']:.4g}-{s['max_ms']:.4g})"
@@ -239,8 +268,8 @@ def detail_table(doc: dict) -> str:
                  "/".join(fmt_ratio(sp[p]) or "-" for p in ("forward", "backward", "total")),
                  fmt_bytes(mem.get("saved_bytes")), fmt_bytes(mem.get("peak_bytes")), fmt_ratio(ratio),
                  f"{mem['saved_to_output']:.2f}" if mem.get("saved_to_output") is not None else ""]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return "\n".join(table_lines(head, body))
 
 
 def markdown(doc: dict) -> str:
@@ -268,7 +297,7 @@ def compare(old: dict, new: dict) -> str:
     new_by = {r["key"]: r for r in new["records"]}
     head = ["case", "candidate", "old ms", "new ms", "time change", "old speedup", "new speedup", "old memory",
             "new memory"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    body = []
     changed = []
     for key, n in new_by.items():
         o = old_by.get(key)
@@ -282,10 +311,10 @@ def compare(old: dict, new: dict) -> str:
         nm = n["time"]["total"]["median_ms"] if n["time"] else None
         change = f"{(nm / om - 1) * 100:+.1f}%" if om and nm else ""
         kind = "peak" if n["memory"].get("peak_bytes") is not None else "saved"
-        lines.append("| " + " | ".join([
-            key.split("|")[0], n["candidate"]["label"], fmt_ms(om), fmt_ms(nm), change,
-            fmt_ratio(o["speedup"]["total"]), fmt_ratio(n["speedup"]["total"]),
-            fmt_bytes(o["memory"].get(f"{kind}_bytes")), fmt_bytes(n["memory"].get(f"{kind}_bytes"))]) + " |")
+        body.append([key.split("|")[0], n["candidate"]["label"], fmt_ms(om), fmt_ms(nm), change,
+                     fmt_ratio(o["speedup"]["total"]), fmt_ratio(n["speedup"]["total"]),
+                     fmt_bytes(o["memory"].get(f"{kind}_bytes")), fmt_bytes(n["memory"].get(f"{kind}_bytes"))])
+    lines += table_lines(head, body)
     only_old = sorted(set(old_by) - set(new_by))
     only_new = sorted(set(new_by) - set(old_by))
     if changed:

@@ -11,9 +11,13 @@ from pathlib import Path
 
 import torch
 
+from ..bench import plots
+from ..bench.environment import describe, environment
+from ..bench.memory import saved_activation_bytes
+from ..bench.report import Column, fmt_count, markdown_table
 from ..tbptt import Trainer, seed_everything
-from .cli import (_add_data_arguments, _add_model_arguments, _add_training_arguments, _describe, _fail,
-                  _lm_config, _positive_float, _positive_int, _read_corpus, _resolve_device, _train_config)
+from .cli import (_add_data_arguments, _add_model_arguments, _add_training_arguments, _check_backend, _describe,
+                  _fail, _lm_config, _positive_float, _positive_int, _read_corpus, _resolve_device, _train_config)
 from .data import Vocabulary, split_text
 from .model import CharLM, sequence_cross_entropy
 
@@ -39,8 +43,6 @@ def run_sweep(args) -> int:
 
 def _saved_activation_mib(model: CharLM, batch: int, steps: int, device: torch.device) -> float:
     """Bytes autograd keeps for one training window (forward of batch x steps), in MiB."""
-    from ..bench.memory import saved_activation_bytes
-
     tokens = torch.zeros(batch, steps, dtype=torch.int64, device=device)
     nbytes = saved_activation_bytes(lambda: model(tokens)[0], exclude=list(model.parameters()))
     return nbytes / 2**20
@@ -57,6 +59,7 @@ def _sweep(args) -> int:
     vocab = Vocabulary.from_text(train_text)
     train_ids, val_ids = vocab.encode(train_text), vocab.encode(val_text)
     impls = ["fastbptt", "torch"] if args.baseline == "torch" else ["fastbptt"]
+    _check_backend(_lm_config(args, len(vocab)), device, batches={args.batch_size, args.eval_batch_size})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -79,57 +82,38 @@ def _sweep(args) -> int:
             log(f"    {row['updates']} updates, {row['tokens_per_s']:,} tokens/s, validation perplexity "
                 f"{row['val_ppl']:.3f}, saved activations {row['saved_mib']:.2f} MiB per window")
             rows.append(row)
-    meta = (f"{_describe(dataclasses.replace(_lm_config(args, len(vocab)), impl='fastbptt'), device)}; batch "
-            f"{args.batch_size}; lr {args.lr:g} (schedule {args.schedule}); {args.budget_seconds:g} s of training "
-            f"per setting; {len(train_ids):,} training characters; torch {torch.__version__}; {_machine(device)}")
-    _write_sweep(rows, out, meta)
+    setup = (f"{_describe(dataclasses.replace(_lm_config(args, len(vocab)), impl='fastbptt'), device)}; batch "
+             f"{args.batch_size}; lr {args.lr:g} (schedule {args.schedule}); {args.budget_seconds:g} s of training "
+             f"per setting; {len(train_ids):,} training characters")
+    _write_sweep(rows, out, setup, describe(environment(device.type)))
     print(f"wrote {out / 'sweep.csv'}, {out / 'sweep.md'}, {out / 'sweep.png'}")
     return 0
 
 
-def _machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"GPU {torch.cuda.get_device_name(device)}"
-    from ..bench.environment import cpu_capability, cpu_model
+IMPL_LABELS = {"fastbptt": "fastbptt", "torch": "torch.nn"}
 
-    return (f"CPU {cpu_model()} ({cpu_capability()}), {os.cpu_count()} cores, "
-            f"{torch.get_num_threads()} torch thread(s)")
+TABLE = [Column("num_steps", "num_steps", right=True),
+         Column("impl", "implementation"),
+         Column("updates", "updates", fmt_count, right=True),
+         Column("tokens", "tokens", fmt_count, right=True),
+         Column("tokens_per_s", "tokens/s", fmt_count, right=True),
+         Column("val_ppl", "validation ppl", "{:.3f}".format, right=True),
+         Column("saved_mib", "saved activations / window (MiB)", "{:.2f}".format, right=True)]
+
+# row key -> panel title, in panel order
+PANELS = {"val_ppl": "validation perplexity (same time budget)", "tokens_per_s": "training tokens/s",
+          "saved_mib": "saved activations per window (MiB)"}
 
 
-def _write_sweep(rows: list[dict], out: Path, meta: str) -> None:
+def _write_sweep(rows: list[dict], out: Path, setup: str, machine: str) -> None:
+    """sweep.csv (the rows), sweep.md (the setup, the machine and the table) and sweep.png (a
+    panel per metric against num_steps, a line per implementation)."""
     with open(out / "sweep.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"Setup: {meta}.", "",
-             "| num_steps | implementation | updates | tokens | tokens/s | validation ppl "
-             "| saved activations / window (MiB) |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['num_steps']} | {r['impl']} | {r['updates']:,} | {r['tokens']:,} | {r['tokens_per_s']:,} "
-                     f"| {r['val_ppl']:.3f} | {r['saved_mib']:.2f} |")
-    (out / "sweep.md").write_text("\n".join(lines) + "\n")
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for impl in dict.fromkeys(r["impl"] for r in rows):
-        sel = [r for r in rows if r["impl"] == impl]
-        ks = [r["num_steps"] for r in sel]
-        label = "torch.nn" if impl == "torch" else "fastbptt"
-        axes[0].plot(ks, [r["val_ppl"] for r in sel], "o-", label=label)
-        axes[1].plot(ks, [r["tokens_per_s"] for r in sel], "o-", label=label)
-        axes[2].plot(ks, [r["saved_mib"] for r in sel], "o-", label=label)
-    titles = ("validation perplexity (same time budget)", "training tokens/s", "saved activations per window (MiB)")
-    for ax, title in zip(axes, titles):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("num_steps (truncation length k1 = k2)")
-        ax.set_title(title, fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "sweep.png", dpi=110)
-    plt.close(fig)
+    (out / "sweep.md").write_text(f"Setup: {setup}.\n\nMachine: {machine}\n\n{markdown_table(rows, TABLE)}\n")
+    label = lambda row: IMPL_LABELS[row["impl"]]  # noqa: E731
+    panels = [plots.Panel(title, "num_steps (truncation length k1 = k2)", plots.series(rows, "num_steps", key, label))
+              for key, title in PANELS.items()]
+    plots.draw_panels(panels, out / "sweep.png", dpi=110)
