@@ -106,8 +106,8 @@ def test_skip_leaves_out_non_finite_updates_and_restarts_the_state(tmp_path):
     trainer = Trainer(TinyLM(), tokens(), config(max_steps=6, nonfinite="skip"), loss_fn=loss_fn, out_dir=tmp_path,
                       log=lambda msg: None)
     states = []
-    skip = trainer._skip_nonfinite_update
-    trainer._skip_nonfinite_update = lambda *a: (skip(*a), states.append(trainer.state))
+    skip = trainer._handle_nonfinite_update
+    trainer._handle_nonfinite_update = lambda *a: (skip(*a), states.append(trainer.state))
     summary = trainer.fit()
     assert summary["step"] == 6 and summary["skipped_updates"] == 2 and loss_fn.calls == 8
     assert states == [None, None]

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from .batching import StreamBatcher, Window
 from .checkpoint import load_checkpoint, nonfinite_entries, save_checkpoint_file
 from .config import AMP_DTYPES, RESUME_FIXED, TrainConfig
-from .distributed import any_over_processes, gather_batch, mean_over_processes, process_place, shard_batch, sum_over_processes
+from .distributed import (any_over_processes, gather_batch, mean_over_processes, process_place, shard_batch,
+                          sum_over_processes)
 from .errors import CheckpointError, NonFiniteError, RunDirectoryBusy
 from .metrics import append_metrics, plot_metrics, read_metrics, write_metrics
 from .optim import build_optimizer, build_scheduler
@@ -161,7 +162,7 @@ class Trainer:
         # fp16's gradient scaler skips overflowing steps by design; there only the loss tells a divergence
         nonfinite = not math.isfinite(loss) or (not math.isfinite(grad_norm) and not self.scaler.is_enabled())
         if any_over_processes(nonfinite, self.device):
-            self._skip_nonfinite_update(loss, grad_norm)
+            self._handle_nonfinite_update(loss, grad_norm)
             self.scaler.update()  # closes this step's unscale_
             self.optimizer.zero_grad(set_to_none=True)
             return None
@@ -172,7 +173,7 @@ class Trainer:
             self.scheduler.step()
         return grad_norm
 
-    def _skip_nonfinite_update(self, loss: float, grad_norm: float) -> None:
+    def _handle_nonfinite_update(self, loss: float, grad_norm: float) -> None:
         """Stops the run (``nonfinite="stop"``) or skips the update and restarts the carried state."""
         update = self.step + 1
         self._record(kind="nonfinite", step=update, epoch=self.batcher.epoch, tokens=self.tokens, train_loss=loss,
@@ -200,7 +201,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, data=None) -> float:
-        """Mean cross-entropy per target over the validation sequence, read as ``eval_batch_size``
+        """Mean loss per target over the validation sequence, read as ``eval_batch_size``
         streams with the state carried across windows (so the truncation length does not limit
         the context at evaluation). All processes together read the whole sequence."""
         batcher = self._validation_batcher(data)
@@ -251,6 +252,7 @@ class Trainer:
         path = Path(path) if path is not None else (self.out_dir / CHECKPOINT_FILE if self.out_dir else None)
         if path is not None and self.is_main:
             save_checkpoint_file(state, path)
+        if path is not None:
             self._last_saved = (path, self.step)
         if self.world_size > 1:
             dist.barrier()
