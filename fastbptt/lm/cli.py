@@ -27,7 +27,7 @@ from .. import dispatch
 from ..tbptt import (AMP_DTYPES, CLIPS, NONFINITE, OPTIMIZERS, SAMPLING, SCHEDULES, TrainConfig, Trainer, TrainingError,
                      load_checkpoint, seed_everything)
 from ..tbptt.checkpoint import nonfinite_entries
-from ..tbptt.distributed import leave_process_group
+from ..tbptt.distributed import end_process, process_place
 from .data import Vocabulary, default_corpus, load_text, split_text
 from .model import (CELLS, CURVE_LABEL, CharLM, LMConfig, check_architecture, model_from_checkpoint,
                     sequence_cross_entropy)
@@ -294,9 +294,12 @@ def _plan(updates: int, windows: int, cfg: TrainConfig) -> str:
 
 def run_train(args) -> int:
     try:
-        return _train(args)
+        status = _train(args)
     except (ValueError, FileNotFoundError, IsADirectoryError, ModuleNotFoundError, TrainingError) as exc:
-        return _fail(str(exc))
+        status = _fail(str(exc))
+    if process_place()[1] > 1:  # under torchrun: a finished run waits for the others; a failed one leaves now
+        end_process(status, wait=status == 0)
+    return status
 
 
 def _train(args) -> int:
@@ -351,7 +354,6 @@ def _train(args) -> int:
         print(f"validation perplexity: {ppl:.3f}" if ppl is not None else "no validation data")
         print(f"checkpoint: {Path(args.out) / 'checkpoint.pt'}")
         print(f"metrics:    {Path(args.out) / 'metrics.jsonl'}, {Path(args.out) / 'curves.png'}")
-    leave_process_group()
     return 0
 
 
