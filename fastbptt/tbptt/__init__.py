@@ -33,6 +33,7 @@ from .state import detach_state, map_state
 from .trainer import Trainer
 
 __all__ = ["AMP_DTYPES", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "CLIPS", "NONFINITE", "OPTIMIZERS", "SAMPLING",
-           "SCHEDULES", "CheckpointError", "NonFiniteError", "RunDirectoryBusy", "TrainingError", "StreamBatcher", "TrainConfig", "Trainer", "Window", "atomic_write", "build_optimizer", "build_scheduler",
+           "SCHEDULES", "CheckpointError", "NonFiniteError", "RunDirectoryBusy", "TrainingError", "StreamBatcher",
+           "TrainConfig", "Trainer", "Window", "atomic_write", "build_optimizer", "build_scheduler",
            "detach_state", "load_checkpoint", "map_state", "plot_metrics", "read_metrics", "rng_state", "save_atomic",
            "seed_everything", "set_rng_state"]

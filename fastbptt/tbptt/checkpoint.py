@@ -16,12 +16,16 @@ CHECKPOINT_VERSION = 2         # 2: with a SHA-256 digest of the content
 READABLE_VERSIONS = (1, 2)     # 1: no digest to check
 
 
+TEMPORARY_SUFFIX = ".tmp"  # atomic_write's file beside its target: <target name><random>.tmp
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Calls ``write(file)`` on a temporary file beside ``path``, fsyncs it, then renames it over
-    ``path``: a crash never leaves a half-written file."""
+    ``path``: a crash never leaves a half-written file (only the temporary one, see
+    :func:`temporary_files`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=TEMPORARY_SUFFIX)
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             write(f)
@@ -32,6 +36,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def temporary_files(path: str | os.PathLike) -> list[Path]:
+    """The temporary files of :func:`atomic_write` calls on ``path`` that a crash left behind."""
+    path = Path(path)
+    return sorted(path.parent.glob(f"{path.name}*{TEMPORARY_SUFFIX}"))
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
+from .checkpoint import temporary_files
 from .errors import RunDirectoryBusy
 
 try:
@@ -63,9 +64,9 @@ class RunDirectoryLock:
 
 
 def remove_leftovers(directory: str | os.PathLike, names: Iterable[str], log: Callable[[str], None]) -> None:
-    """Deletes the temporary files (``<name>*.tmp``, see :func:`~.checkpoint.atomic_write`) that a
-    run killed while writing ``names`` left in ``directory``. Call it only under the lock."""
-    leftovers = [p for name in names for p in Path(directory).glob(f"{name}*.tmp")]
+    """Deletes the temporary files (see :func:`~.checkpoint.atomic_write`) that a run killed while
+    writing ``names`` left in ``directory``. Call it only under the lock."""
+    leftovers = [p for name in names for p in temporary_files(Path(directory) / name)]
     for path in leftovers:
         path.unlink(missing_ok=True)
     if leftovers:

@@ -63,8 +63,9 @@ class Trainer:
     extra: saved in every checkpoint under ``"extra"`` (model configuration, vocabulary).
     """
 
-    def __init__(self, model: nn.Module, train_data, config: TrainConfig, *, loss_fn: Callable[[Tensor, Tensor], Tensor],
-                 val_data=None, out_dir: Optional[str | os.PathLike] = None, device: Optional[torch.device | str] = None,
+    def __init__(self, model: nn.Module, train_data, config: TrainConfig, *,
+                 loss_fn: Callable[[Tensor, Tensor], Tensor], val_data=None,
+                 out_dir: Optional[str | os.PathLike] = None, device: Optional[torch.device | str] = None,
                  extra: Optional[dict] = None, log=None, curve_label: str = "perplexity (exp of the mean loss)"):
         self.cfg = config.validate()
         self.rank, self.world_size = process_place()
