@@ -39,8 +39,13 @@ class KernelPath:
     # The automatic rule takes this path for batches up to this size (None: any batch; 0: never,
     # only when forced by name)
     auto_max_batch: Optional[int] = None
+    # False: its set-up per call (packing W_hh) pays off over a chunk of steps only, so the rule
+    # does not take it for a single cell step
+    single_step: bool = True
 
-    def auto_for(self, batch: int) -> bool:
+    def auto_for(self, batch: int, steps: Optional[int] = None) -> bool:
+        if steps == 1 and not self.single_step:
+            return False
         return self.auto_max_batch is None or batch <= self.auto_max_batch
 
 
@@ -64,7 +69,7 @@ BACKENDS: dict[str, BackendSpec] = {
             KernelPath("small-batch", "matrix-vector products parallel over W_hh, per step", auto_max_batch=2),
             # measured faster than MKL + row pass at every float32 shape with B > 2 (docs/cpu.md)
             KernelPath("packed", "per-step forward with W_hh packed per thread in L2, one parallel region per "
-                                 "step; backward as blas"),
+                                 "step; backward as blas", single_step=False),
             KernelPath("blas", "one MKL product and one fused gate pass per step"),
         )),
         BackendSpec("cuda", "fastbptt.native", ("cuda",), "fused CUDA kernels (fastbptt._C)", paths=(
@@ -137,11 +142,11 @@ def path_decline(backend: str, path: str, cell: str, dtype: torch.dtype, batch: 
 
 
 def choose_path(backend: str, cell: str, dtype: torch.dtype, batch: int, hidden_size: int,
-                proj_size: int = 0) -> str:
-    """The kernel path of ``backend`` ("cpu", "cuda:persistent", ...) for one layer call: the path
-    named, which must accept the case (else :class:`BackendUnavailable` with the reason), or the
-    first path in :data:`BACKENDS` order whose batch limit and ``path_decline`` admit the case.
-    '' for a backend without paths."""
+                proj_size: int = 0, steps: Optional[int] = None) -> str:
+    """The kernel path of ``backend`` ("cpu", "cuda:persistent", ...) for one layer call (``steps=1``:
+    one cell step): the path named, which must accept the case (else :class:`BackendUnavailable`
+    with the reason), or the first path in :data:`BACKENDS` order whose limits and ``path_decline``
+    admit the case. '' for a backend without paths."""
     name, forced = split(backend)
     paths = BACKENDS[name].paths
     if forced:
@@ -151,7 +156,7 @@ def choose_path(backend: str, cell: str, dtype: torch.dtype, batch: int, hidden_
                                      f"(B={batch}, H={hidden_size}, {dtype}): {reason}")
         return forced
     for path in paths:
-        if path.auto_for(batch) and not path_decline(name, path.name, cell, dtype, batch, hidden_size, proj_size):
+        if path.auto_for(batch, steps) and not path_decline(name, path.name, cell, dtype, batch, hidden_size, proj_size):
             return path.name
     if paths:  # the last path takes every supported case: reaching here is a bug in a path_decline
         raise AssertionError(f"no kernel path of {name!r} takes this {cell} case (B={batch}, H={hidden_size}, "
@@ -188,6 +193,20 @@ def resolve(backend: str, cell: str, x: torch.Tensor, hidden_size: int, proj_siz
     the case raises :class:`BackendUnavailable` with the reason."""
     check_backend_name(backend)
     return _resolve(backend, cell, x.device.type, x.dtype, hidden_size, proj_size)
+
+
+@torch.compiler.assume_constant_result  # a plain lookup: torch.compile takes its result as a constant
+def cell_kernel(backend: str, cell: str, device_type: str, dtype: torch.dtype, batch: int, hidden_size: int) -> str:
+    """The backend and kernel path of one cell step ("cpu:small-batch", "cuda:standard", "triton",
+    ...): the layer's rule for a one-step layer. Raises :class:`BackendUnavailable` like :func:`resolve`."""
+    return _cell_kernel(backend, cell, device_type, dtype, batch, hidden_size)
+
+
+@lru_cache(maxsize=1024)  # a cell is called once per step: the lookup is done once per shape
+def _cell_kernel(backend: str, cell: str, device_type: str, dtype: torch.dtype, batch: int, hidden_size: int) -> str:
+    name = _resolve(backend, cell, device_type, dtype, hidden_size, 0)
+    path = choose_path(name, cell, dtype, batch, hidden_size, 0, steps=1)
+    return f"{split(name)[0]}:{path}" if path else name
 
 
 @torch.compiler.assume_constant_result  # a plain lookup: torch.compile takes its result as a constant

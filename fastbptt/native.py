@@ -56,6 +56,38 @@ def _register_fakes() -> None:
         grad_w_hr = torch.empty_like(w_hr) if w_hr is not None else gates.new_empty(0)
         return torch.empty_like(gates), torch.empty_like(grad_h_n), torch.empty_like(c0), grad_w_hr
 
+    # cell steps (csrc/cell_ops.cpp)
+    def cell_grads(tensors, output_mask):
+        return tuple(torch.empty_like(t) if wanted else t.new_empty(0) for t, wanted in zip(tensors, output_mask))
+
+    def gate_bias(w_ih):  # the shape of a bias gradient
+        return w_ih.new_empty(w_ih.shape[0])
+
+    @fake("fastbptt::rnn_cell")
+    def _rnn_cell(input, hx, w_ih, w_hh, b_ih, b_hh, relu, path):
+        return torch.empty_like(hx)
+
+    @fake("fastbptt::rnn_cell_backward")
+    def _rnn_cell_backward(grad_hy, input, hx, w_ih, w_hh, hy, relu, output_mask, path):
+        return cell_grads((input, hx, w_ih, w_hh, gate_bias(w_ih), gate_bias(w_ih)), output_mask)
+
+    @fake("fastbptt::gru_cell")
+    def _gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh, path):
+        gates = input.new_empty(input.shape[0], w_ih.shape[0])
+        return torch.empty_like(hx), gates, torch.empty_like(gates)
+
+    @fake("fastbptt::gru_cell_backward")
+    def _gru_cell_backward(grad_hy, input, hx, w_ih, w_hh, gi, gh, output_mask, path):
+        return cell_grads((input, hx, w_ih, w_hh, gate_bias(w_ih), gate_bias(w_ih)), output_mask)
+
+    @fake("fastbptt::lstm_cell")
+    def _lstm_cell(input, hx, cx, w_ih, w_hh, b_ih, b_hh, path):
+        return torch.empty_like(hx), torch.empty_like(cx), input.new_empty(input.shape[0], w_ih.shape[0])
+
+    @fake("fastbptt::lstm_cell_backward")
+    def _lstm_cell_backward(grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, gates, output_mask, path):
+        return cell_grads((input, hx, cx, w_ih, w_hh, gate_bias(w_ih), gate_bias(w_ih)), output_mask)
+
 
 if _C is not None:
     _register_fakes()

@@ -105,3 +105,6 @@ def recurrent_layer(cell: str, x: Tensor, hx: Tensor, weight_ih: Tensor, weight_
     out, h_n, _ = getattr(torch.ops.fastbptt, cell)(x, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
                                                      reverse, chunk_size, recompute, name)
     return out, h_n
+
+
+from .cell import cell_step  # noqa: E402  (uses recurrent_layer above)
