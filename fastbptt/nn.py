@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import cells, dispatch
 from .ops import DEFAULT_CHUNK_SIZE, check_chunk_size, recurrent_layer
+from .ops.cell import run_cell_step
 
 
 # The outputs torch.nn returns in the input's dtype under autocast, by (device type, layer kind);
@@ -243,11 +244,165 @@ class LSTM(_FusedRNNMixin, nn.LSTM):
         self._init_fastbptt(chunk_size, backend, recompute)
 
 
-_FUSED_OF = {nn.RNN: RNN, nn.GRU: GRU, nn.LSTM: LSTM}
+# ----------------------------------------------------------------------------- cells
+
+class _FusedCellMixin:
+    """Shared forward of the three cell types. ``self`` is a ``torch.nn.RNNCellBase``; the argument
+    checks and their messages are torch.nn's."""
+
+    def _init_fastbptt(self, backend: str) -> None:
+        dispatch.check_backend_name(backend)
+        self.backend = backend
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + (f", backend={self.backend!r}" if self.backend != "auto" else "")
+
+    def _get_name(self) -> str:
+        name = type(self).__name__
+        return f"fastbptt.{name}" if type(self).__module__ == __name__ else name
+
+    def _cell(self) -> str:
+        if isinstance(self, nn.GRUCell):
+            return "gru"
+        if isinstance(self, nn.LSTMCell):
+            return "lstm"
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
+        return f"rnn_{self.nonlinearity}"
+
+    def _torch_runs(self, input: Tensor) -> bool:
+        """Exporters record torch.nn's forward (ONNX has no cell operator of its own, but torch's
+        decomposes into standard ones); under autocast torch's own forward runs too, so the dtypes of
+        the outputs are torch's, whatever it casts."""
+        device_type = input.device.type
+        return _exporting() or (torch.amp.is_autocast_available(device_type)
+                                and torch.is_autocast_enabled(device_type))
+
+    def _check_step_args(self, input: Tensor, states: tuple) -> None:
+        """torch.nn's checks, with its messages, and the dtype/device checks of the layers."""
+        if input.shape[1] != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {input.shape[1]} expected {self.input_size}")
+        for label, state in enumerate(states):
+            if input.shape[0] != state.shape[0]:
+                raise RuntimeError(f"Input batch size {input.shape[0]} doesn't match hidden{label} batch size "
+                                   f"{state.shape[0]}")
+            if state.shape[1] != self.hidden_size:
+                raise RuntimeError(f"hidden{label} has inconsistent hidden_size: got {state.shape[1]}, expected "
+                                   f"{self.hidden_size}")
+        for name, state in zip(("hx", "cx"), states):
+            if state.dtype != input.dtype:
+                raise RuntimeError(f"Expected {name} to have dtype {input.dtype} like the input, got {state.dtype}")
+            if state.device != input.device:
+                raise RuntimeError(f"Expected {name} on device {input.device} like the input, got {state.device}")
+        weight = self.weight_ih
+        if weight.device != input.device:
+            raise RuntimeError(f"Input and parameter tensors are not on the same device: input on {input.device}, "
+                               f"parameters on {weight.device}")
+        if weight.dtype != input.dtype:
+            raise RuntimeError(f"Expected the parameters to have dtype {input.dtype} like the input, got {weight.dtype}")
+
+    def _step(self, cell: str, input: Tensor, hx: Tensor, cx: Optional[Tensor] = None):
+        return run_cell_step(cells.SPECS[cell], input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+                             cx, self.backend)
+
+
+_CELL_EXTRA_DOC = ("Takes every argument of ``torch.nn.{name}`` plus the keyword-only ``backend`` ("
+                   + ", ".join(dispatch.CHOICES) + ").")
+
+
+class RNNCell(_FusedCellMixin, nn.RNNCell):
+    __doc__ = ("Drop-in ``torch.nn.RNNCell`` running one fused kernel per step, forward and backward.\n\n"
+               + _CELL_EXTRA_DOC.format(name="RNNCell"))
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        nn.RNNCell.__init__(self, *args, **kwargs)
+        self._init_fastbptt(backend)
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        if self._torch_runs(input):
+            return super().forward(input, hx)
+        if input.dim() not in (1, 2):
+            raise ValueError(f"RNNCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None and hx.dim() not in (1, 2):
+            raise ValueError(f"RNNCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
+        cell = self._cell()
+        is_batched = input.dim() == 2
+        x = input if is_batched else input.unsqueeze(0)
+        if hx is None:
+            hx = x.new_zeros(x.shape[0], self.hidden_size)
+        elif not is_batched:
+            hx = hx.unsqueeze(0)
+        self._check_step_args(x, (hx,))
+        hy = self._step(cell, x, hx)
+        return hy if is_batched else hy.squeeze(0)
+
+
+class GRUCell(_FusedCellMixin, nn.GRUCell):
+    __doc__ = ("Drop-in ``torch.nn.GRUCell`` running one fused kernel per step, forward and backward.\n\n"
+               + _CELL_EXTRA_DOC.format(name="GRUCell"))
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        nn.GRUCell.__init__(self, *args, **kwargs)
+        self._init_fastbptt(backend)
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        if self._torch_runs(input):
+            return super().forward(input, hx)
+        if input.dim() not in (1, 2):
+            raise ValueError(f"GRUCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None and hx.dim() not in (1, 2):
+            raise ValueError(f"GRUCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
+        is_batched = input.dim() == 2
+        x = input if is_batched else input.unsqueeze(0)
+        if hx is None:
+            hx = x.new_zeros(x.shape[0], self.hidden_size)
+        elif not is_batched:
+            hx = hx.unsqueeze(0)
+        self._check_step_args(x, (hx,))
+        hy = self._step("gru", x, hx)
+        return hy if is_batched else hy.squeeze(0)
+
+
+class LSTMCell(_FusedCellMixin, nn.LSTMCell):
+    __doc__ = ("Drop-in ``torch.nn.LSTMCell`` running one fused kernel per step, forward and backward.\n\n"
+               + _CELL_EXTRA_DOC.format(name="LSTMCell"))
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        nn.LSTMCell.__init__(self, *args, **kwargs)
+        self._init_fastbptt(backend)
+
+    def forward(self, input: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
+        if self._torch_runs(input):
+            return super().forward(input, hx)
+        if input.dim() not in (1, 2):
+            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            if len(hx) != 2:
+                raise RuntimeError("lstm_cell expects two hidden states")
+            for idx, value in enumerate(hx):
+                if value.dim() not in (1, 2):
+                    raise ValueError(f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead")
+        is_batched = input.dim() == 2
+        x = input if is_batched else input.unsqueeze(0)
+        if hx is None:
+            zeros = x.new_zeros(x.shape[0], self.hidden_size)
+            hx = (zeros, zeros)
+        elif not is_batched:
+            hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        self._check_step_args(x, tuple(hx))
+        hy, cy = self._step("lstm", x, hx[0], hx[1])
+        return (hy, cy) if is_batched else (hy.squeeze(0), cy.squeeze(0))
+
+
+_FUSED_OF = {nn.RNN: RNN, nn.GRU: GRU, nn.LSTM: LSTM, nn.RNNCell: RNNCell, nn.GRUCell: GRUCell, nn.LSTMCell: LSTMCell}
 
 # cell name (fastbptt/cells.py) -> module class, fastbptt's and torch.nn's
 MODULE_OF_CELL = {"rnn_tanh": RNN, "rnn_relu": RNN, "gru": GRU, "lstm": LSTM}
 TORCH_MODULE_OF_CELL = {"rnn_tanh": nn.RNN, "rnn_relu": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
+# cell name -> cell module class (one step per call), fastbptt's and torch.nn's
+CELL_MODULE_OF_CELL = {"rnn_tanh": RNNCell, "rnn_relu": RNNCell, "gru": GRUCell, "lstm": LSTMCell}
+TORCH_CELL_MODULE_OF_CELL = {"rnn_tanh": nn.RNNCell, "rnn_relu": nn.RNNCell, "gru": nn.GRUCell, "lstm": nn.LSTMCell}
 
 
 def cell_kwargs(cell: str) -> dict:
@@ -257,7 +412,8 @@ def cell_kwargs(cell: str) -> dict:
 
 def convert(model: nn.Module, *, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str = "auto",
             recompute: bool = True) -> nn.Module:
-    """Replaces every ``torch.nn`` RNN/GRU/LSTM inside ``model`` by its fastbptt twin, in place.
+    """Replaces every ``torch.nn`` RNN/GRU/LSTM and RNNCell/GRUCell/LSTMCell inside ``model`` by its
+    fastbptt twin, in place (``chunk_size`` and ``recompute`` apply to the layers only).
 
     The modules keep their parameter objects (so weights, device, dtype, ``requires_grad`` and
     any optimizer holding them are untouched); only the forward changes. Returns ``model``.
@@ -266,11 +422,15 @@ def convert(model: nn.Module, *, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: 
     dispatch.check_backend_name(backend)
     for module in model.modules():
         fused_cls = _FUSED_OF.get(type(module))
-        if fused_cls is not None:
-            module.__class__ = fused_cls
+        if fused_cls is None:
+            continue
+        module.__class__ = fused_cls
+        if isinstance(module, _FusedCellMixin):
+            module._init_fastbptt(backend)
+        else:
             module._init_fastbptt(chunk_size, backend, recompute)
     return model
 
 
 # whole pickled models holding fastbptt modules load with torch.load's default weights_only=True
-torch.serialization.add_safe_globals([RNN, GRU, LSTM])
+torch.serialization.add_safe_globals([RNN, GRU, LSTM, RNNCell, GRUCell, LSTMCell])

@@ -1,6 +1,6 @@
 """PyTorch's own module test samples (``torch.testing._internal.common_modules.module_db``) for
-torch.nn.RNN, torch.nn.GRU and torch.nn.LSTM, run through fastbptt's twins side by side with
-torch.nn.
+torch.nn.RNN, torch.nn.GRU and torch.nn.LSTM and their cells (RNNCell, GRUCell, LSTMCell), run
+through fastbptt's twins side by side with torch.nn.
 
 * Every sample of ``module_inputs_func`` (training and eval; with ``with_packed_sequence=True``
   where the function takes it, which yields its plain samples plus the packed ones), in float64 on
@@ -26,8 +26,9 @@ DEVICE = "cpu"
 DTYPE = torch.float64
 SEED = 0
 
-MODULE_INFOS = [info for info in module_db if info.module_cls in (torch.nn.RNN, torch.nn.GRU, torch.nn.LSTM)]
-assert len(MODULE_INFOS) == 3, [info.name for info in MODULE_INFOS]
+MODULE_CLASSES = (torch.nn.RNN, torch.nn.GRU, torch.nn.LSTM, torch.nn.RNNCell, torch.nn.GRUCell, torch.nn.LSTMCell)
+MODULE_INFOS = [info for info in module_db if info.module_cls in MODULE_CLASSES]
+assert len(MODULE_INFOS) == len(MODULE_CLASSES), [info.name for info in MODULE_INFOS]
 
 
 def _accepts(func, name: str) -> bool:
@@ -192,7 +193,7 @@ def test_module_db_sample(info, training, sample):
         torch.manual_seed(SEED)
         ref = _build(torch_cls, sample.constructor_input).to(device=DEVICE, dtype=DTYPE)
         fast = _build(fast_cls, sample.constructor_input).to(device=DEVICE, dtype=DTYPE)
-    if training and ref.dropout > 0:
+    if training and getattr(ref, "dropout", 0) > 0:
         pytest.skip("dropout > 0 in training mode: the two modules draw different masks (compared in eval mode)")
     fast.load_state_dict(ref.state_dict())
     ref.train(training)
