@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from conftest import cpu_backends
 
 import fastbptt.reference
 from fastbptt import dispatch
@@ -132,15 +133,180 @@ def test_cudnn_algorithm_follows_atens_heuristic():
         "PERSIST_STATIC_SMALL_H"
 
 
+# ----------------------------------------------------------------------------- cell loops
+
+CELL_TINY = dict(device="cpu", dtype="float32", batch=2, hidden=8, input_size=5, steps=3, loop="cell")
+CELL_CANDIDATES = [Candidate("fastbptt", name) for name in cpu_backends()]
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "gru", "lstm"])
+def test_cell_loop_records_are_ok_with_ratios_from_the_same_run(cell):
+    recs = run(Case(cell, "train", **CELL_TINY), CELL_CANDIDATES, reps=1)
+    base = recs["torch.nn"]
+    assert set(recs) == {"torch.nn", *(f"fastbptt[{name}]" for name in cpu_backends())}
+    for label, rec in recs.items():
+        assert set(rec) == RECORD_FIELDS
+        assert rec["status"] == "ok", rec["error"]
+        assert rec["key"] == f"{cell}/train/cpu/float32/B2/H8/I5/T3/L1/uni/cell-loop|{label}"
+        assert rec["case"]["loop"] == "cell"
+        for phase in ("forward", "backward", "total"):
+            assert rec["speedup"][phase] == base["time"][phase]["median_ms"] / rec["time"][phase]["median_ms"]
+        mem = rec["memory"]
+        assert mem["saved_bytes"] > 0 and mem["output_bytes"] == 3 * 2 * 8 * 4
+        assert mem["saved_ratio"] == mem["saved_bytes"] / base["memory"]["saved_bytes"]
+    for cand in CELL_CANDIDATES:
+        rec = recs[cand.label]
+        assert rec["candidate"]["chunk_size"] is None and rec["candidate"]["recompute"] is None
+        assert rec["notes"]["resolved_backend"] == cand.backend
+        if cand.backend == "cpu":  # the path one step of B=2 takes
+            assert rec["notes"]["kernel_path"] == "small-batch"
+
+
+def test_cell_loop_infer_times_the_forward_only():
+    recs = run(Case("lstm", "infer", **CELL_TINY), CELL_CANDIDATES[:1], reps=1)
+    for rec in recs.values():
+        assert rec["status"] == "ok", rec["error"]
+        assert rec["time"]["backward"] is None and rec["memory"]["saved_bytes"] is None
+    assert recs["fastbptt[reference]"]["speedup"]["total"] is not None
+
+
+def _cell_bench(case: Case, cand: Candidate, inputs):
+    module, x, grad_out = inputs
+    x.grad = None
+    bench, _ = runner.build_bench(case, cand, module, x, grad_out)
+    out = bench.forward()
+    bench.backward(out)
+    return out.detach(), x.grad.clone(), [p.grad.clone() for p in bench.params]
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "rnn_relu", "gru", "lstm"])
+def test_cell_loop_maths_matches_torch_nn(cell, monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the compiled loop's maths, without compiling
+    case = Case(cell, "train", **CELL_TINY)
+    inputs = runner.build_inputs(case)
+    module, x, _ = inputs
+    out, dx, dparams = _cell_bench(case, config.TORCH_NN, inputs)
+    # torch.nn's cell loop is the maths of torch.nn's layer with the same weights, from a zero state
+    layer = runner.TORCH_MODULE_OF_CELL[cell](5, 8, **runner.cell_kwargs(cell))
+    layer.load_state_dict({f"{k}_l0": v for k, v in module.state_dict().items()})
+    torch.testing.assert_close(out, layer(x)[0].detach())
+    for cand in [config.COMPILED, *CELL_CANDIDATES]:
+        got, got_dx, got_dparams = _cell_bench(case, cand, inputs)
+        torch.testing.assert_close(got, out, msg=lambda m: f"{cand.label}: {m}")
+        torch.testing.assert_close(got_dx, dx, msg=lambda m: f"{cand.label}: {m}")
+        for a, b in zip(got_dparams, dparams):
+            torch.testing.assert_close(a, b, msg=lambda m: f"{cand.label}: {m}")
+
+
+def test_cell_loop_candidates_are_the_cell_modules():
+    case = Case("gru", "train", **CELL_TINY)
+    module, x, grad_out = runner.build_inputs(case)
+    assert type(module) is torch.nn.GRUCell
+    for cell, cls in (("rnn_tanh", fastbptt.RNNCell), ("gru", fastbptt.GRUCell), ("lstm", fastbptt.LSTMCell)):
+        assert runner.CELL_MODULE_OF_CELL[cell] is cls
+    with pytest.raises(ValueError, match="do not apply to a cell loop"):
+        runner.build_bench(case, Candidate("fastbptt", "reference", 2, True), module, x, grad_out)
+
+
+def test_cell_backend_that_cannot_run_here_is_unavailable_with_the_reason():
+    recs = run(Case("gru", "train", **CELL_TINY), [Candidate("fastbptt", "cuda")], reps=1)
+    assert recs["fastbptt[cuda]"]["status"] == "unavailable" and recs["fastbptt[cuda]"]["error"]
+
+
+def test_cell_loop_compile_failure_is_reported(monkeypatch):
+    def no_compile(*args, **kwargs):
+        raise RuntimeError("inductor is not usable here")
+
+    monkeypatch.setattr(torch, "compile", no_compile)
+    recs = run(Case("gru", "train", **CELL_TINY), [config.COMPILED], reps=1)
+    assert recs["torch.compile"]["status"] == "failed"
+    assert "inductor is not usable here" in recs["torch.compile"]["error"]
+    assert recs["torch.nn"]["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_compiled_cell_module_loop_runs():
+    recs = run(Case("lstm", "train", **CELL_TINY), [config.COMPILED], reps=1)
+    assert recs["torch.compile"]["status"] == "ok", recs["torch.compile"]["error"]
+    assert recs["torch.compile"]["notes"]["first_call_s"] > 0
+
+
+def test_layer_case_keys_are_unchanged_and_cell_loops_are_marked():
+    layer = Case("gru", "train", "cpu", "float32", 32, 256, 256, 128)
+    assert layer.key() == "gru/train/cpu/float32/B32/H256/I256/T128/L1/uni"
+    assert Case(**{**layer.__dict__, "layers": 2, "bidirectional": True, "timed": False}).key() == \
+        "gru/train/cpu/float32/B32/H256/I256/T128/L2/bi/memory-only"
+    assert Case(**{**layer.__dict__, "loop": "cell"}).key() == \
+        "gru/train/cpu/float32/B32/H256/I256/T128/L1/uni/cell-loop"
+    assert all(c.loop == "layer" and "cell" not in c.key() for name in config.PRESETS if name != "cells"
+               for c, _ in config.preset(name).items())
+
+
+def test_cell_loops_have_one_layer_and_direction():
+    with pytest.raises(ValueError, match="one layer and one direction"):
+        Case("gru", "train", **{**CELL_TINY, "layers": 2})
+    with pytest.raises(ValueError, match="one layer and one direction"):
+        config.Grid(loop="cell", bidirectional=(False, True)).validate()
+    with pytest.raises(ValueError, match="unknown loop"):
+        config.Grid(loop="step").validate()
+
+
+def test_cell_grid_has_one_fastbptt_candidate_per_backend():
+    grid = config.Grid(loop="cell", backends=("reference", "cpu"), chunk_sizes=(2, 4), recompute=(True, False))
+    assert [c.label for c in grid.candidates("cpu")] == ["torch.nn", "torch.compile", "fastbptt[reference]",
+                                                         "fastbptt[cpu]"]
+    assert [c.label for c in config.override(config.Plan("p", [grid]), loop="layer").grids[0].candidates("cpu")] \
+        == ["torch.nn", "torch.compile"] + [f"fastbptt[{b},C={c},{p}]" for b in ("reference", "cpu") for c in (2, 4)
+                                            for p in ("recompute", "keep-gates")]
+
+
+def test_cli_runs_a_cell_loop_grid(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--loop", "cell", "--cells", "lstm", "--batch", "1", "2", "--hidden", "8",
+                              "--steps", "3", "--modes", "train", "--backends", "reference", "--baselines", "torch.nn",
+                              "--warmup", "0", "--reps", "1", "--out", str(tmp_path), "--name", "cells"])
+    assert cli.main(args) == 0
+    doc = report.load_json(tmp_path / "cells.json")
+    assert [r["key"] for r in doc["records"]] == [f"lstm/train/cpu/float32/B{b}/H8/I8/T3/L1/uni/cell-loop|{label}"
+                                                  for b in (1, 2) for label in ("torch.nn", "fastbptt[reference]")]
+    assert all(r["status"] == "ok" for r in doc["records"])
+    printed = capsys.readouterr().out
+    assert "| cell | mode | B | torch.nn | reference |" in printed
+    assert "cell loops: a Python loop of T calls of one cell module" in printed
+    assert (tmp_path / "cells-speedup-vs-batch.png").exists()
+
+    assert cli.main(parser.parse_args(["--loop", "cell", "--layers", "2", "--list"])) == 2
+    assert "a cell loop has one layer and one direction" in capsys.readouterr().out
+
+
+def test_tables_read_runs_saved_before_cell_loops():
+    recs = runner.run_case(Case("gru", "infer", **TINY), [config.TORCH_NN, *REFERENCE[:1]], 0, 1)
+    for rec in recs:
+        del rec["case"]["loop"]
+    doc = {"format": report.FORMAT, "preset": "old", "environment": {}, "records": recs,
+           "settings": {"timer": "t", "warmup": 0, "reps": 1}}
+    assert "| cell | mode | torch.nn | reference recompute |" in report.summary_tables(doc)
+
+
 def test_presets_expand():
     for name in config.PRESETS:
         items = config.preset(name).items()
         assert items and all(cands[0].is_baseline for _, cands in items)
-    kernels = config.preset("cpu-kernels").items()
+    kernels_plan = config.preset("cpu-kernels")
+    kernels = kernels_plan.items()
     assert {(c.batch, c.hidden, c.steps) for c, _ in kernels} == {(32, 256, 128), (8, 512, 256), (128, 128, 128),
                                                                   (1, 1024, 512)}
     assert all({x.label for x in cands} >= {"torch.nn", "torch.compile", "fastbptt[cpu,C=32,recompute]",
                                             "fastbptt[cpu,C=32,keep-gates]"} for _, cands in kernels)
+    cells = config.preset("cells")
+    assert cells.device == "cpu" and cells.out_dir == kernels_plan.out_dir
+    assert {(c.cell, c.mode, c.batch) for c, _ in cells.items()} == {
+        (cell, mode, b) for cell in ("rnn_tanh", "gru", "lstm") for mode in ("train", "infer") for b in (1, 32)}
+    for case, cands in cells.items():
+        assert (case.loop, case.dtype, case.hidden, case.input_size, case.steps, case.layers, case.bidirectional) == \
+            ("cell", "float32", 256, 256, 64, 1, False)
+        assert [x.label for x in cands] == ["torch.nn", "torch.compile", "fastbptt[cpu]"]
     gpu = config.preset("gpu-kernels").items()
     timed = {(c.cell, c.mode, c.dtype, c.batch, c.hidden, c.steps) for c, _ in gpu if c.timed}
     assert timed == {(cell, mode, dtype, b, h, t) for cell in ("gru", "lstm") for mode in ("train", "infer")

@@ -5,7 +5,9 @@ Examples::
     fastbptt bench --quick                       # about a minute on 2 CPU cores
     fastbptt bench --preset cpu-kernels          # the CPU kernels' grid, written to benchmarks/results/
     fastbptt bench --preset gpu-kernels          # the GPU kernels' grid, on a GPU
+    fastbptt bench --preset cells --threads 1    # per-step cell loops, one thread
     fastbptt bench --cells gru --batch 1 16 64 --hidden 256 --steps 512 --modes train
+    fastbptt bench --loop cell --cells lstm --batch 1 32 --hidden 256 --steps 64 --backends cpu
     fastbptt bench --quick --compare old.json    # run, then show the change against old.json
     fastbptt bench --compare old.json new.json   # compare two saved runs, no run
 """
@@ -22,7 +24,7 @@ from . import config, plots, report
 from .environment import environment, machine_name, where
 
 GRID_OPTIONS = ("cells", "modes", "dtypes", "batch", "hidden", "input_size", "steps", "layers", "bidirectional",
-                "chunk_sizes", "recompute", "backends", "baselines")
+                "chunk_sizes", "recompute", "backends", "baselines", "loop")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--backends", nargs="+", help="fastbptt backends, each forced (default: all for the device)")
     g.add_argument("--baselines", nargs="+", choices=config.BASELINES,
                    help="torch.nn is always measured (the ratios are against it)")
+    g.add_argument("--loop", choices=config.LOOPS,
+                   help="layer = one layer module call on the sequence; cell = a Python loop of one cell module "
+                        "over the steps (one layer, one direction; no chunk size or memory policy)")
     t = parser.add_argument_group("timing and output")
     t.add_argument("--warmup", type=int, help="untimed calls per candidate before the rounds")
     t.add_argument("--reps", type=int, help="timed interleaved rounds")
@@ -77,7 +82,7 @@ def build_plan(args: argparse.Namespace) -> config.Plan:
         if name == "baselines" and value:
             value = tuple(dict.fromkeys(("torch.nn", *value)))
         if value is not None:
-            grid_fields[name] = tuple(value)
+            grid_fields[name] = value if name == "loop" else tuple(value)
     if args.full:
         name = "full"
     elif args.preset:
@@ -118,8 +123,12 @@ def main(args: argparse.Namespace) -> int:
     old = report.load_json(args.compare[0]) if args.compare else None
     if args.threads:
         torch.set_num_threads(args.threads)
-    plan = build_plan(args)
-    items = plan.items()
+    try:
+        plan = build_plan(args)
+        items = plan.items()
+    except ValueError as exc:  # a grid that cannot be run (unknown backend, a cell loop with two layers, ...)
+        _print(f"fastbptt bench: {exc}")
+        return 2
     if args.list:
         for case, cands in items:
             _print(f"{case.key()}: " + ", ".join(c.label for c in cands))

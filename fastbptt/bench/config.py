@@ -1,13 +1,15 @@
-"""What a benchmark run measures: cases (one layer stack, one shape, one mode), the candidates
-timed on each case (torch.nn first: it is the baseline), grids that expand into cases, and the
-named presets.
+"""What a benchmark run measures: cases (one layer stack, or one cell looped over the steps; one
+shape, one mode), the candidates timed on each case (torch.nn first: it is the baseline), grids
+that expand into cases, and the named presets.
 
 A *case* fixes everything the compared implementations share: cell, mode (``train`` =
 forward+backward, ``infer`` = forward under ``torch.inference_mode``), device, dtype, batch B,
-hidden H, input size I, steps T, layers, direction. A *candidate* is one implementation of the
-case: ``torch.nn`` (the baseline), ``torch.compile`` (a compiled cell step looped in Python), or
-``fastbptt`` with a forced backend, a chunk size and a memory policy. One record per
-(case, candidate) pair ends up in the JSON.
+hidden H, input size I, steps T, layers, direction, and the loop: ``layer`` (one call of a layer
+module on the whole sequence) or ``cell`` (a Python loop of T calls of a cell module, one layer,
+one direction). A *candidate* is one implementation of the case: ``torch.nn`` (the baseline),
+``torch.compile`` (a compiled cell step, or the compiled torch.nn cell, looped in Python), or
+``fastbptt`` with a forced backend and, for layers, a chunk size and a memory policy. One record
+per (case, candidate) pair ends up in the JSON.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from .. import dispatch
 MODES = ("train", "infer")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 BASELINES = ("torch.nn", "torch.compile")
+LOOPS = ("layer", "cell")
 
 
 @dataclass(frozen=True)
@@ -38,11 +41,20 @@ class Case:
     layers: int = 1
     bidirectional: bool = False
     timed: bool = True      # False: memory only (long sequences in the GPU preset)
+    loop: str = "layer"     # "layer": a layer module on the sequence; "cell": a cell module called per step
+
+    def __post_init__(self):
+        if self.loop not in LOOPS:
+            raise ValueError(f"unknown loop {self.loop!r}; choose from {', '.join(LOOPS)}")
+        if self.loop == "cell" and (self.layers != 1 or self.bidirectional):
+            raise ValueError("a cell loop has one layer and one direction")
 
     def key(self) -> str:
+        # layer cases keep the keys they had before cell loops existed: saved runs still compare
         d = "bi" if self.bidirectional else "uni"
         return (f"{self.cell}/{self.mode}/{self.device}/{self.dtype}/B{self.batch}/H{self.hidden}/"
-                f"I{self.input_size}/T{self.steps}/L{self.layers}/{d}" + ("" if self.timed else "/memory-only"))
+                f"I{self.input_size}/T{self.steps}/L{self.layers}/{d}" + ("/cell-loop" if self.loop == "cell" else "")
+                + ("" if self.timed else "/memory-only"))
 
     @property
     def directions(self) -> int:
@@ -53,13 +65,15 @@ class Case:
 class Candidate:
     impl: str                       # "torch.nn", "torch.compile" or "fastbptt"
     backend: Optional[str] = None   # fastbptt only: a name from dispatch.CHOICES ("auto" or forced)
-    chunk_size: Optional[int] = None
-    recompute: Optional[bool] = None
+    chunk_size: Optional[int] = None   # fastbptt layers only; None for cells
+    recompute: Optional[bool] = None   # fastbptt layers only; None for cells
 
     @property
     def label(self) -> str:
         if self.impl != "fastbptt":
             return self.impl
+        if self.chunk_size is None and self.recompute is None:  # a cell: one step, nothing recomputed
+            return f"fastbptt[{self.backend}]"
         policy = "recompute" if self.recompute else "keep-gates"
         return f"fastbptt[{self.backend},C={self.chunk_size},{policy}]"
 
@@ -93,7 +107,9 @@ class Grid:
     """A cartesian product of case parameters and candidate settings.
 
     ``input_size=None`` means "equal to the hidden size"; ``backends=None`` means every
-    fastbptt backend that targets the device (see :func:`applicable_backends`).
+    fastbptt backend that targets the device (see :func:`applicable_backends`). With
+    ``loop="cell"`` the cases are cell loops: ``chunk_sizes`` and ``recompute`` do not apply (one
+    fastbptt candidate per backend), ``layers`` and ``bidirectional`` must stay 1 and False.
     """
     cells: Sequence[str] = ("gru", "lstm")
     modes: Sequence[str] = MODES
@@ -109,6 +125,7 @@ class Grid:
     backends: Optional[Sequence[str]] = None
     baselines: Sequence[str] = BASELINES
     timed: bool = True
+    loop: str = "layer"
 
     def cases(self, device: str) -> list[Case]:
         out = []
@@ -116,7 +133,7 @@ class Grid:
                 self.cells, self.modes, self.dtypes, self.batch, self.hidden, self.input_size, self.steps,
                 self.layers, self.bidirectional):
             out.append(Case(cell, mode, device, dtype, int(b), int(h), int(i if i else h), int(t), int(l),
-                            bool(bi), self.timed))
+                            bool(bi), self.timed, self.loop))
         return out
 
     def candidates(self, device: str) -> list[Candidate]:
@@ -125,12 +142,19 @@ class Grid:
             cands.append(COMPILED)
         backends = applicable_backends(device) if self.backends is None else tuple(self.backends)
         for name in backends:
+            if self.loop == "cell":
+                cands.append(Candidate("fastbptt", name))
+                continue
             for c in self.chunk_sizes:
                 for rc in self.recompute:
                     cands.append(Candidate("fastbptt", name, int(c), bool(rc)))
         return cands
 
     def validate(self) -> None:
+        if self.loop not in LOOPS:
+            raise ValueError(f"unknown loop {self.loop!r}; choose from {', '.join(LOOPS)}")
+        if self.loop == "cell" and (any(int(n) != 1 for n in self.layers) or any(self.bidirectional)):
+            raise ValueError("a cell loop has one layer and one direction: use layers 1 and directions 1")
         for cell in self.cells:
             if cell not in _cells.CELLS:
                 raise ValueError(f"unknown cell {cell!r}; choose from {', '.join(_cells.CELLS)}")
@@ -218,6 +242,18 @@ def _cpu_kernels(device: str) -> Plan:
                 plots=(("speedup", "batch"), ("time_per_step", "batch")))
 
 
+def _cells_preset(device: str) -> Plan:
+    # fastbptt's cell modules in a per-step Python loop against torch.nn's cells and the compiled
+    # torch.nn cell; one run per thread count (--threads), the machine name records it
+    grids = [Grid(cells=("rnn_tanh", "gru", "lstm"), batch=(1, 32), hidden=(256,), input_size=(256,), steps=(64,),
+                  dtypes=("float32",), backends=("cpu",), baselines=BASELINES, loop="cell")]
+    return Plan("cells", grids, device, warmup=2, reps=9,
+                description="cell loops: fastbptt's RNNCell/GRUCell/LSTMCell (backend 'cpu') called per step in a "
+                            "Python loop vs torch.nn's cells vs the compiled torch.nn cell",
+                out_dir=os.path.join("benchmarks", "results"),
+                plots=(("speedup", "batch"), ("time_per_step", "batch")))
+
+
 # The GPU kernel shapes (B, H, T): small batch and long sequences, a middle case, a large batch
 GPU_SHAPES = ((256, 1024, 256), (16, 768, 1024), (64, 512, 512))
 
@@ -266,10 +302,12 @@ PRESETS = {
     "quick": _quick,
     "full": _full,
     "cpu-kernels": _cpu_kernels,
+    "cells": _cells_preset,
     "gpu-kernels": _gpu_kernels,
     "scaling": _scaling,
 }
-DEFAULT_DEVICE = {"quick": "cpu", "full": "cuda", "cpu-kernels": "cpu", "gpu-kernels": "cuda", "scaling": "cpu"}
+DEFAULT_DEVICE = {"quick": "cpu", "full": "cuda", "cpu-kernels": "cpu", "cells": "cpu", "gpu-kernels": "cuda",
+                  "scaling": "cpu"}
 
 
 def preset(name: str, device: Optional[str] = None) -> Plan:
@@ -287,4 +325,4 @@ def override(plan: Plan, **fields) -> Plan:
 
 
 __all__ = ["Case", "Candidate", "Grid", "Plan", "PRESETS", "preset", "override", "applicable_backends",
-           "TORCH_NN", "COMPILED", "MODES", "DTYPES", "BASELINES"]
+           "TORCH_NN", "COMPILED", "MODES", "DTYPES", "BASELINES", "LOOPS"]

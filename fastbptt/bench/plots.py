@@ -144,6 +144,8 @@ def _fixed_text(fixed: dict) -> str:
         parts.append(f"L={fixed['layers']}")
     if fixed.get("bidirectional"):
         parts.append("bidirectional")
+    if fixed.get("loop") == "cell":
+        parts.append("cell loop")
     parts.append(str(fixed.get("dtype", "")))
     return " ".join(parts)
 

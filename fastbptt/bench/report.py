@@ -13,8 +13,10 @@ FORMAT = "fastbptt-bench/1"
 
 # case field -> column header, in display order
 CASE_COLUMNS = {"cell": "cell", "mode": "mode", "device": "device", "dtype": "dtype", "batch": "B", "hidden": "H",
-                "input_size": "I", "steps": "T", "layers": "L", "bidirectional": "dir"}
+                "input_size": "I", "steps": "T", "layers": "L", "bidirectional": "dir", "loop": "loop"}
 ALWAYS = ("cell", "mode")
+# runs saved before a case field existed read as its default
+CASE_DEFAULTS = {"loop": "layer"}
 MIB = 1024 * 1024
 
 
@@ -98,6 +100,10 @@ def markdown_table(rows: Iterable[dict], columns: Sequence[Column]) -> str:
     return "\n".join(table_lines([c.header for c in columns], body, [c.right for c in columns]))
 
 
+def _case_field(case: dict, field: str):
+    return case.get(field, CASE_DEFAULTS.get(field))
+
+
 def _case_value(field: str, value) -> str:
     if field == "bidirectional":
         return "bi" if value else "uni"
@@ -107,7 +113,7 @@ def _case_value(field: str, value) -> str:
 def _varying(records: list[dict]) -> list[str]:
     fields = []
     for f in CASE_COLUMNS:
-        if f in ALWAYS or len({r["case"][f] for r in records}) > 1:
+        if f in ALWAYS or len({_case_field(r["case"], f) for r in records}) > 1:
             fields.append(f)
     return fields
 
@@ -123,17 +129,26 @@ def _labels(records: Iterable[dict]) -> list[str]:
 
 def _headers(records: list[dict]) -> dict[str, str]:
     """Short column names: 'cpu recompute' for 'fastbptt[cpu,C=32,recompute]', with the chunk size
-    only when the run has several."""
+    only when the run has several; 'cpu' for a cell's 'fastbptt[cpu]'."""
     cands = {r["candidate"]["label"]: r["candidate"] for r in records}
-    chunks = {c["chunk_size"] for c in cands.values() if c["impl"] == "fastbptt"}
+    chunks = _chunk_sizes(records)
     out = {}
     for label, c in cands.items():
         if c["impl"] != "fastbptt":
             out[label] = label
             continue
+        if c["chunk_size"] is None and c["recompute"] is None:
+            out[label] = c["backend"]
+            continue
         policy = "recompute" if c["recompute"] else "keep-gates"
         out[label] = f"{c['backend']} {policy}" + (f" C={c['chunk_size']}" if len(chunks) > 1 else "")
     return out
+
+
+def _chunk_sizes(records: Iterable[dict]) -> list[int]:
+    """The chunk sizes of a run's fastbptt layer candidates (cells have none)."""
+    return sorted({r["candidate"]["chunk_size"] for r in records
+                   if r["candidate"]["impl"] == "fastbptt" and r["candidate"]["chunk_size"] is not None})
 
 
 class _Notes:
@@ -166,7 +181,7 @@ def _pivot(records: list[dict], cell_text, notes: _Notes, baseline_text) -> list
     head = [CASE_COLUMNS[f] for f in fields] + ["torch.nn"] + [names[lab] for lab in labels]
     body = []
     for k, by_label in rows.items():
-        cells = [_case_value(f, cases[k][f]) for f in fields]
+        cells = [_case_value(f, _case_field(cases[k], f)) for f in fields]
         base = by_label.get("torch.nn")
         cells.append(notes.mark(base) if base and base["status"] != "ok" else baseline_text(base) if base else "")
         for lab in labels:
@@ -209,10 +224,13 @@ def summary_tables(doc: dict) -> str:
            f"timer: {doc['settings']['timer']}, {doc['settings']['warmup']} warm-up + {doc['settings']['reps']} "
            f"interleaved rounds, medians; speedup = torch.nn median / candidate median (same run, >1 is faster)",
            ""]
-    chunks = sorted({r["candidate"]["chunk_size"] for r in records if r["candidate"]["impl"] == "fastbptt"})
+    chunks = _chunk_sizes(records)
     if len(chunks) == 1:
         out.insert(2, f"fastbptt columns: backend (forced) and memory policy, chunk size {chunks[0]}; "
                       "recompute = keep outputs and chunk states, keep-gates = also keep gate pre-activations")
+    if any(_case_field(r["case"], "loop") == "cell" for r in records):
+        out.insert(2, "cell loops: a Python loop of T calls of one cell module (torch.nn's cell, that cell "
+                      "compiled, fastbptt's cell with the backend named), hidden states stacked")
     notes = _Notes()
     timed = [r for r in records if r["case"]["timed"]]
     if timed:

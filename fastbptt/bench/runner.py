@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import cells, dispatch
-from ..nn import MODULE_OF_CELL, TORCH_MODULE_OF_CELL, cell_kwargs
+from ..nn import CELL_MODULE_OF_CELL, MODULE_OF_CELL, TORCH_CELL_MODULE_OF_CELL, TORCH_MODULE_OF_CELL, cell_kwargs
 from . import timing
 from .config import Candidate, Case, Plan
 from .memory import peak_cuda_bytes, saved_activation_bytes
@@ -31,9 +31,9 @@ class Unavailable(Exception):
 # ----------------------------------------------------------------------------- benches
 
 class Bench:
-    """One candidate on one case: ``forward()`` runs the layer stack on the case's input,
-    ``backward(out)`` backpropagates a fixed output gradient (input and all parameters get
-    gradients, as inside a model)."""
+    """One candidate on one case: ``forward()`` runs the layer stack (or the cell loop) on the
+    case's input, ``backward(out)`` backpropagates a fixed output gradient (input and all
+    parameters get gradients, as inside a model)."""
 
     def __init__(self, fn: Callable[[Tensor], Tensor], params: list[Tensor], x: Tensor, grad_out: Tensor,
                  train: bool):
@@ -56,11 +56,16 @@ def _module_kwargs(case: Case) -> dict:
 
 
 def build_inputs(case: Case, seed: int = 0) -> tuple[nn.Module, Tensor, Tensor]:
-    """The torch.nn module (the weights every candidate copies), x: [T, B, I], grad_out: [T, B, D*H]."""
+    """The torch.nn module (the weights every candidate copies: a layer stack, or a cell for a cell
+    loop), x: [T, B, I], grad_out: [T, B, D*H]."""
     device, dtype = torch.device(case.device), DTYPE[case.dtype]
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    module = TORCH_MODULE_OF_CELL[case.cell](case.input_size, case.hidden, **_module_kwargs(case)).to(device, dtype)
+    if case.loop == "cell":
+        module = TORCH_CELL_MODULE_OF_CELL[case.cell](case.input_size, case.hidden, **cell_kwargs(case.cell))
+    else:
+        module = TORCH_MODULE_OF_CELL[case.cell](case.input_size, case.hidden, **_module_kwargs(case))
+    module = module.to(device, dtype)
     x = torch.randn(case.steps, case.batch, case.input_size, generator=gen).to(device, dtype)
     x.requires_grad_(case.mode == "train")
     grad_out = torch.randn(case.steps, case.batch, case.directions * case.hidden, generator=gen).to(device, dtype)
@@ -71,9 +76,10 @@ def _first_output(module: nn.Module) -> Callable[[Tensor], Tensor]:
     return lambda x: module(x)[0]
 
 
-# The compiled baseline: one cell step compiled (static shapes, whole graph), looped over T in
-# Python; the input projection of all steps is one eager GEMM per layer and direction, as any
-# sensible loop would do. Compiling the whole unrolled loop instead would cost minutes at T=1024.
+# The compiled baseline of a layer case: one cell step compiled (static shapes, whole graph),
+# looped over T in Python; the input projection of all steps is one eager GEMM per layer and
+# direction, as any sensible loop would do. Compiling the whole unrolled loop instead would cost
+# minutes at T=1024. (A cell loop case compiles the torch.nn cell itself: see build_cell_bench.)
 
 def _rnn_step(gi: Tensor, h: Tensor, w_hh: Tensor, b_hh: Tensor, relu: bool) -> Tensor:
     return cells.rnn_step(torch.addmm(b_hh, h, w_hh.t()) + gi, relu)
@@ -126,8 +132,64 @@ def compiled_cell_loop(module: nn.RNNBase, cell: str) -> Callable[[Tensor], Tens
     return run
 
 
+def cell_loop(cell: Callable, lstm: bool, hidden: int) -> Callable[[Tensor], Tensor]:
+    """x: [T, B, I] -> the hidden states [T, B, H] of ``cell`` called once per step from a zero
+    state, as a model with a per-step loop would do."""
+    def run(x: Tensor) -> Tensor:
+        h = x.new_zeros(x.shape[1], hidden)
+        c = x.new_zeros(x.shape[1], hidden) if lstm else None
+        hs = []
+        for x_t in x:
+            if lstm:
+                h, c = cell(x_t, (h, c))
+            else:
+                h = cell(x_t, h)
+            hs.append(h)
+        return torch.stack(hs)
+
+    return run
+
+
+def build_cell_bench(case: Case, cand: Candidate, module: nn.Module, x: Tensor, grad_out: Tensor
+                     ) -> tuple[Bench, dict]:
+    """The bench of one candidate on a cell loop case and its notes; ``module`` is the torch.nn cell."""
+    train = case.mode == "train"
+    lstm = cells.SPECS[case.cell].has_cell_state
+    notes: dict = {}
+    if cand.impl == "torch.nn":
+        m = copy.deepcopy(module)
+        return Bench(cell_loop(m, lstm, case.hidden), list(m.parameters()), x, grad_out, train), notes
+    if cand.impl == "torch.compile":
+        m = copy.deepcopy(module)
+        torch._dynamo.reset()  # a fresh cache per case: no recompile limit, no stale guards
+        step = torch.compile(m, fullgraph=True, dynamic=False)
+        notes["compile"] = ("torch.nn cell compiled with torch.compile(dynamic=False, fullgraph=True), "
+                            "Python loop over steps")
+        return Bench(cell_loop(step, lstm, case.hidden), list(m.parameters()), x, grad_out, train), notes
+    if cand.chunk_size is not None or cand.recompute is not None:
+        raise ValueError("chunk_size and recompute do not apply to a cell loop")
+    name = cand.backend
+    reason = dispatch.availability(name) if name != "auto" else ""
+    if reason:
+        raise Unavailable(reason)
+    try:  # the kernel one step runs, as the cell picks it: "cpu:small-batch", "cpu:blas", "reference", ...
+        resolved, path = dispatch.split(dispatch.cell_kernel(name, case.cell, x.device.type, x.dtype, case.batch,
+                                                             case.hidden))
+    except dispatch.BackendUnavailable as exc:
+        raise Unavailable(str(exc)) from None
+    notes["resolved_backend"] = resolved
+    if path:
+        notes["kernel_path"] = path
+    m = CELL_MODULE_OF_CELL[case.cell](case.input_size, case.hidden, **cell_kwargs(case.cell),
+                                       backend=name).to(x.device, x.dtype)
+    m.load_state_dict(module.state_dict())
+    return Bench(cell_loop(m, lstm, case.hidden), list(m.parameters()), x, grad_out, train), notes
+
+
 def build_bench(case: Case, cand: Candidate, module: nn.Module, x: Tensor, grad_out: Tensor) -> tuple[Bench, dict]:
     """The bench of one candidate and its notes. Raises :class:`Unavailable` or any error."""
+    if case.loop == "cell":
+        return build_cell_bench(case, cand, module, x, grad_out)
     train = case.mode == "train"
     notes: dict = {}
     if cand.impl == "torch.nn":
