@@ -302,6 +302,23 @@ class _FusedCellMixin:
         if weight.dtype != input.dtype:
             raise RuntimeError(f"Expected the parameters to have dtype {input.dtype} like the input, got {weight.dtype}")
 
+    def _single_state_forward(self, label: str, input: Tensor, hx: Optional[Tensor]) -> Tensor:
+        """RNNCell and GRUCell: torch.nn's forward, with ``label`` in its messages."""
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{label}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None and hx.dim() not in (1, 2):
+            raise ValueError(f"{label}: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
+        cell = self._cell()
+        is_batched = input.dim() == 2
+        x = input if is_batched else input.unsqueeze(0)
+        if hx is None:
+            hx = x.new_zeros(x.shape[0], self.hidden_size)
+        elif not is_batched:
+            hx = hx.unsqueeze(0)
+        self._check_step_args(x, (hx,))
+        hy = self._step(cell, x, hx)
+        return hy if is_batched else hy.squeeze(0)
+
     def _step(self, cell: str, input: Tensor, hx: Tensor, cx: Optional[Tensor] = None):
         return run_cell_step(cells.SPECS[cell], input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
                              cx, self.backend)
@@ -322,20 +339,7 @@ class RNNCell(_FusedCellMixin, nn.RNNCell):
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
         if self._torch_runs(input):
             return super().forward(input, hx)
-        if input.dim() not in (1, 2):
-            raise ValueError(f"RNNCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
-        if hx is not None and hx.dim() not in (1, 2):
-            raise ValueError(f"RNNCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
-        cell = self._cell()
-        is_batched = input.dim() == 2
-        x = input if is_batched else input.unsqueeze(0)
-        if hx is None:
-            hx = x.new_zeros(x.shape[0], self.hidden_size)
-        elif not is_batched:
-            hx = hx.unsqueeze(0)
-        self._check_step_args(x, (hx,))
-        hy = self._step(cell, x, hx)
-        return hy if is_batched else hy.squeeze(0)
+        return self._single_state_forward("RNNCell", input, hx)
 
 
 class GRUCell(_FusedCellMixin, nn.GRUCell):
@@ -349,19 +353,7 @@ class GRUCell(_FusedCellMixin, nn.GRUCell):
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
         if self._torch_runs(input):
             return super().forward(input, hx)
-        if input.dim() not in (1, 2):
-            raise ValueError(f"GRUCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
-        if hx is not None and hx.dim() not in (1, 2):
-            raise ValueError(f"GRUCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
-        is_batched = input.dim() == 2
-        x = input if is_batched else input.unsqueeze(0)
-        if hx is None:
-            hx = x.new_zeros(x.shape[0], self.hidden_size)
-        elif not is_batched:
-            hx = hx.unsqueeze(0)
-        self._check_step_args(x, (hx,))
-        hy = self._step("gru", x, hx)
-        return hy if is_batched else hy.squeeze(0)
+        return self._single_state_forward("GRUCell", input, hx)
 
 
 class LSTMCell(_FusedCellMixin, nn.LSTMCell):
