@@ -38,6 +38,37 @@ def _check_tensor(name: str, t: Optional[Tensor], shape: tuple, x: Tensor) -> No
         raise RuntimeError(f"Expected {name} on device {x.device} like the input, got {t.device}")
 
 
+def check_parameters(spec: cells.CellSpec, unit: str, x_t: Tensor, hx: Tensor, cx: Optional[Tensor],
+                     weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor], bias_hh: Optional[Tensor],
+                     weight_hr: Optional[Tensor] = None) -> tuple[int, int]:
+    """Shapes, dtypes and devices of the weights and states of a layer or a cell (``unit``) against
+    one step of its input, ``x_t: [B, I]``. Returns (hidden size H, output size P)."""
+    batch, input_size = x_t.shape
+    gates = spec.num_gates
+    hidden = weight_hh.shape[0] // gates
+    out_size = weight_hr.shape[0] if weight_hr is not None else hidden
+    _check_tensor("weight_ih", weight_ih, (gates * hidden, input_size), x_t)
+    _check_tensor("weight_hh", weight_hh, (gates * hidden, out_size), x_t)
+    _check_tensor("bias_ih", bias_ih, (gates * hidden,), x_t)
+    _check_tensor("bias_hh", bias_hh, (gates * hidden,), x_t)
+    if (bias_ih is None) != (bias_hh is None):
+        raise ValueError("bias_ih and bias_hh must be given together")
+    _check_tensor("hidden state hx", hx, (batch, out_size), x_t)
+    if spec.has_cell_state:
+        if cx is None:
+            raise ValueError(f"an LSTM {unit} needs the cell state cx")
+        _check_tensor("cell state cx", cx, (batch, hidden), x_t)
+        _check_tensor("weight_hr", weight_hr, (out_size, hidden), x_t)
+    return hidden, out_size
+
+
+def in_functorch_transform(tensors) -> bool:
+    """Inside torch.func transforms (grad, vmap, jacrev, jvp), which custom ops' autograd does not
+    support: the callers run plain PyTorch ops there, differentiable and batchable to any order."""
+    return not torch.compiler.is_compiling() and any(
+        t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
 def check_lengths(lengths: Optional[Tensor], steps: int, batch: int) -> None:
     if lengths is None:
         return
@@ -72,27 +103,11 @@ def recurrent_layer(cell: str, x: Tensor, hx: Tensor, weight_ih: Tensor, weight_
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN (the input's time dimension is empty)")
     if not x.is_floating_point():
         raise TypeError(f"input must be a floating point tensor, got {x.dtype}")
-    gates = spec.num_gates
-    hidden = weight_hh.shape[0] // gates
-    out_size = weight_hr.shape[0] if weight_hr is not None else hidden
-    _check_tensor("weight_ih", weight_ih, (gates * hidden, input_size), x)
-    _check_tensor("weight_hh", weight_hh, (gates * hidden, out_size), x)
-    _check_tensor("bias_ih", bias_ih, (gates * hidden,), x)
-    _check_tensor("bias_hh", bias_hh, (gates * hidden,), x)
-    if (bias_ih is None) != (bias_hh is None):
-        raise ValueError("bias_ih and bias_hh must be given together")
-    _check_tensor("hidden state hx", hx, (batch, out_size), x)
-    if spec.has_cell_state:
-        if cx is None:
-            raise ValueError("an LSTM layer needs the cell state cx")
-        _check_tensor("cell state cx", cx, (batch, hidden), x)
-        _check_tensor("weight_hr", weight_hr, (out_size, hidden), x)
+    hidden, out_size = check_parameters(spec, "layer", x[0], hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
+                                        weight_hr)
     check_lengths(lengths, steps, batch)
     tensors = (x, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
-    if not torch.compiler.is_compiling() and any(
-            t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
-        # inside torch.func transforms (grad, vmap, jacrev, jvp), which custom ops' autograd does not
-        # support: plain PyTorch ops, differentiable and batchable to any order
+    if in_functorch_transform(tensors):
         return reference.layer(cell, x, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, reverse)
     name = dispatch.resolve(backend, cell, x, hidden, out_size if weight_hr is not None else 0)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):

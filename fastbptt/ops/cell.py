@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import cells, dispatch, native, reference
-from . import _check_tensor, library, recurrent_layer
+from . import check_parameters, in_functorch_transform, library, recurrent_layer
 
 NATIVE_BACKENDS = ("cpu", "cuda")
 
@@ -40,10 +40,7 @@ def run_cell_step(spec: cells.CellSpec, input: Tensor, hx: Tensor, weight_ih: Te
                   bias_ih: Optional[Tensor], bias_hh: Optional[Tensor], cx: Optional[Tensor], backend: str):
     """:func:`cell_step` on arguments already checked (the modules check them with torch.nn's messages)."""
     cell = spec.name
-    if not torch.compiler.is_compiling() and any(
-            t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t)
-            for t in (input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh)):
-        # torch.func transforms: plain PyTorch ops, differentiable and batchable to any order
+    if in_functorch_transform((input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh)):
         result = reference.layer(cell, input[None], hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, None, None, False)
         return result[1:] if spec.has_cell_state else result[1]
     kernel = dispatch.cell_kernel(backend, cell, input.device.type, input.dtype, input.shape[0], hx.shape[1])
@@ -66,20 +63,7 @@ def check_cell_args(spec: cells.CellSpec, input: Tensor, hx: Tensor, cx: Optiona
         raise RuntimeError(f"input must have 2 dimensions [B, input_size], got {input.dim()}")
     if not input.is_floating_point():
         raise TypeError(f"input must be a floating point tensor, got {input.dtype}")
-    batch, input_size = input.shape
-    gates_hidden = weight_hh.shape[0]
-    hidden = gates_hidden // spec.num_gates
-    _check_tensor("weight_ih", weight_ih, (gates_hidden, input_size), input)
-    _check_tensor("weight_hh", weight_hh, (spec.num_gates * hidden, hidden), input)
-    _check_tensor("bias_ih", bias_ih, (gates_hidden,), input)
-    _check_tensor("bias_hh", bias_hh, (gates_hidden,), input)
-    if (bias_ih is None) != (bias_hh is None):
-        raise ValueError("bias_ih and bias_hh must be given together")
-    _check_tensor("hidden state hx", hx, (batch, hidden), input)
-    if spec.has_cell_state:
-        if cx is None:
-            raise ValueError("an LSTM cell needs the cell state cx")
-        _check_tensor("cell state cx", cx, (batch, hidden), input)
+    check_parameters(spec, "cell", input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh)
 
 
 # ----------------------------------------------------------------------------- autograd of the native ops
@@ -112,7 +96,7 @@ def _register(cell_op: str, cell: str) -> None:
             saved = output[2:] if lstm else output[1:]
             ctx.mark_non_differentiable(*saved)
         ctx.save_for_backward(*diff, *saved)
-        ctx.options = options    # (relu, path) or (path,)
+        ctx.options = options    # (relu, path) for the RNN, (path,) otherwise
         ctx.set_materialize_grads(False)
 
     def backward(ctx, *grads):
@@ -125,18 +109,10 @@ def _register(cell_op: str, cell: str) -> None:
         if torch.is_grad_enabled():  # a graph of the gradients is wanted: double backward
             name = ("rnn_relu" if ctx.options[0] else "rnn_tanh") if cell_op == "rnn_cell" else cell
             result = _double_backward(name, diff, state_grads, mask)
-        else:
-            hx = diff[1]
-            state_grads = tuple(torch.zeros_like(hx) if g is None else g for g in state_grads)
-            d = dict(zip(_ARGS[lstm], diff))
-            if cell_op == "rnn_cell":
-                relu, path = ctx.options
-                result = backward_op(*state_grads, d["input"], hx, d["w_ih"], d["w_hh"], kept[0], relu, mask, path)
-            elif lstm:
-                result = backward_op(*state_grads, d["input"], hx, d["cx"], d["w_ih"], d["w_hh"], *kept, mask,
-                                     *ctx.options)
-            else:
-                result = backward_op(*state_grads, d["input"], hx, d["w_ih"], d["w_hh"], *kept, mask, *ctx.options)
+        else:  # backward_op(state grads, tensors but the biases, what the forward kept, [relu], mask, path)
+            state_grads = tuple(torch.zeros_like(diff[1]) if g is None else g for g in state_grads)
+            *flags, path = ctx.options
+            result = backward_op(*state_grads, *diff[:-2], *kept, *flags, mask, path)
         grads_out = tuple(g if m else None for g, m in zip(result, mask))
         return grads_out + (None,) * (len(ctx.needs_input_grad) - n_diff)
 
