@@ -44,6 +44,19 @@ def _exporting() -> bool:
     return onnx is not None and onnx.is_in_onnx_export()
 
 
+def check_state_dtype_device(x: Tensor, states: tuple, weight: Tensor) -> None:
+    """The states (hx, and cx for LSTM) in the input's dtype and on its device, and the parameters
+    (represented by ``weight``) on that device."""
+    for label, state in zip(("hx", "cx"), states):
+        if state.dtype != x.dtype:
+            raise RuntimeError(f"Expected {label} to have dtype {x.dtype} like the input, got {state.dtype}")
+        if state.device != x.device:
+            raise RuntimeError(f"Expected {label} on device {x.device} like the input, got {state.device}")
+    if weight.device != x.device:
+        raise RuntimeError(f"Input and parameter tensors are not on the same device: input on {x.device}, "
+                           f"parameters on {weight.device}")
+
+
 class _FusedRNNMixin:
     """Shared forward for the three module types. ``self`` is a ``torch.nn.RNNBase``."""
 
@@ -160,15 +173,7 @@ class _FusedRNNMixin:
         return cast(x), (tuple(map(cast, hx)) if isinstance(hx, tuple) else cast(hx))
 
     def _check_state_dtype_device(self, x: Tensor, hx) -> None:
-        weight = self._flat_weights[0]
-        for label, state in zip(("hx", "cx"), hx if isinstance(hx, tuple) else (hx,)):
-            if state.dtype != x.dtype:
-                raise RuntimeError(f"Expected {label} to have dtype {x.dtype} like the input, got {state.dtype}")
-            if state.device != x.device:
-                raise RuntimeError(f"Expected {label} on device {x.device} like the input, got {state.device}")
-        if weight.device != x.device:
-            raise RuntimeError(f"Input and parameter tensors are not on the same device: input on {x.device}, "
-                               f"parameters on {weight.device}")
+        check_state_dtype_device(x, hx if isinstance(hx, tuple) else (hx,), self._flat_weights[0])
 
     def _layer_weights(self, index: int, dtype: torch.dtype):
         names = self._all_weights[index]
@@ -290,15 +295,8 @@ class _FusedCellMixin:
             if state.shape[1] != self.hidden_size:
                 raise RuntimeError(f"hidden{label} has inconsistent hidden_size: got {state.shape[1]}, expected "
                                    f"{self.hidden_size}")
-        for name, state in zip(("hx", "cx"), states):
-            if state.dtype != input.dtype:
-                raise RuntimeError(f"Expected {name} to have dtype {input.dtype} like the input, got {state.dtype}")
-            if state.device != input.device:
-                raise RuntimeError(f"Expected {name} on device {input.device} like the input, got {state.device}")
         weight = self.weight_ih
-        if weight.device != input.device:
-            raise RuntimeError(f"Input and parameter tensors are not on the same device: input on {input.device}, "
-                               f"parameters on {weight.device}")
+        check_state_dtype_device(input, states, weight)
         if weight.dtype != input.dtype:
             raise RuntimeError(f"Expected the parameters to have dtype {input.dtype} like the input, got {weight.dtype}")
 
