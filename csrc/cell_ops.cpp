@@ -108,9 +108,6 @@ std::vector<Tensor> parameter_grads(const Tensor& d_gi, const Tensor& d_gh, cons
           want_b_hh ? d_gh.sum(0) : unwanted(input)};
 }
 
-template <size_t N>
-bool mask_at(const std::array<bool, N>& mask, size_t i) { return mask[i]; }
-
 // ----------------------------------------------------------------------------- RNN
 
 Tensor rnn_cell(const Tensor& input, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
@@ -127,9 +124,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_backward(
   auto [d_pre, grad_hx] = rnn_backward_chunk(step(hy), w_hh.contiguous(), step(grad_hy), at::zeros_like(hx), relu,
                                              path);
   const Tensor d = d_pre.squeeze(0);
-  auto g = parameter_grads(d, d, input, hx, w_ih, mask_at(output_mask, 0), mask_at(output_mask, 2),
-                           mask_at(output_mask, 3), mask_at(output_mask, 4), mask_at(output_mask, 5));
-  return {g[0], mask_at(output_mask, 1) ? grad_hx : unwanted(hx), g[1], g[2], g[3], g[4]};
+  auto g = parameter_grads(d, d, input, hx, w_ih, output_mask[0], output_mask[2],
+                           output_mask[3], output_mask[4], output_mask[5]);
+  return {g[0], output_mask[1] ? grad_hx : unwanted(hx), g[1], g[2], g[3], g[4]};
 }
 
 // ----------------------------------------------------------------------------- GRU
@@ -151,10 +148,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_cell_backward(
     const Tensor& gi, const Tensor& gh, std::array<bool, 6> output_mask, Path path) {
   auto [d_gi, d_gh, grad_hx] = gru_backward_chunk(step(gi), step(gh), step(hx), w_hh.contiguous(), step(grad_hy),
                                                   at::zeros_like(hx), path);
-  auto g = parameter_grads(d_gi.squeeze(0), d_gh.squeeze(0), input, hx, w_ih, mask_at(output_mask, 0),
-                           mask_at(output_mask, 2), mask_at(output_mask, 3), mask_at(output_mask, 4),
-                           mask_at(output_mask, 5));
-  return {g[0], mask_at(output_mask, 1) ? grad_hx : unwanted(hx), g[1], g[2], g[3], g[4]};
+  auto g = parameter_grads(d_gi.squeeze(0), d_gh.squeeze(0), input, hx, w_ih, output_mask[0],
+                           output_mask[2], output_mask[3], output_mask[4],
+                           output_mask[5]);
+  return {g[0], output_mask[1] ? grad_hx : unwanted(hx), g[1], g[2], g[3], g[4]};
 }
 
 // ----------------------------------------------------------------------------- LSTM
@@ -179,9 +176,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_bac
   auto [d_gates, grad_hx, grad_cx, unused] = lstm_backward_chunk(
       step(gates), cx.contiguous(), w_hh.contiguous(), step(grad_hy), at::zeros_like(hx), grad_cy.contiguous(), path);
   const Tensor d = d_gates.squeeze(0);
-  auto g = parameter_grads(d, d, input, hx, w_ih, mask_at(output_mask, 0), mask_at(output_mask, 3),
-                           mask_at(output_mask, 4), mask_at(output_mask, 5), mask_at(output_mask, 6));
-  return {g[0], mask_at(output_mask, 1) ? grad_hx : unwanted(hx), mask_at(output_mask, 2) ? grad_cx : unwanted(cx),
+  auto g = parameter_grads(d, d, input, hx, w_ih, output_mask[0], output_mask[3],
+                           output_mask[4], output_mask[5], output_mask[6]);
+  return {g[0], output_mask[1] ? grad_hx : unwanted(hx), output_mask[2] ? grad_cx : unwanted(cx),
           g[1], g[2], g[3], g[4]};
 }
 
