@@ -117,8 +117,8 @@ Tensor rnn_cell(const Tensor& input, const Tensor& hx, const Tensor& w_ih, const
   return rnn_forward_chunk(step(pre_in), hx.contiguous(), w_hh.contiguous(), out, relu, path);
 }
 
-// -> grads of (input, hx, w_ih, w_hh, b_ih, b_hh); output_mask in the same order
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_backward(
+// -> grads of (input, hx, w_ih, w_hh, b_ih, b_hh), output_mask in the same order; then the gate gradient
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_backward(
     const Tensor& grad_hy, const Tensor& input, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
     const Tensor& hy, bool relu, std::array<bool, 6> output_mask, Path path) {
   auto [d_pre, grad_hx] = rnn_backward_chunk(step(hy), w_hh.contiguous(), step(grad_hy), at::zeros_like(hx), relu,
@@ -126,7 +126,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_backward(
   const Tensor d = d_pre.squeeze(0);
   auto g = parameter_grads(d, d, input, hx, w_ih, output_mask[0], output_mask[2],
                            output_mask[3], output_mask[4], output_mask[5]);
-  return {g[0], output_mask[1] ? grad_hx : unwanted(hx), g[1], g[2], g[3], g[4]};
+  return {g[0], output_mask[1] ? grad_hx : unwanted(hx), g[1], g[2], g[3], g[4], d};
 }
 
 // ----------------------------------------------------------------------------- GRU
@@ -143,15 +143,16 @@ std::tuple<Tensor, Tensor, Tensor> gru_cell(const Tensor& input, const Tensor& h
   return {hy, gi, gh.squeeze(0)};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_cell_backward(
+// -> grads of (input, hx, w_ih, w_hh, b_ih, b_hh), output_mask in the same order; then those of gi and gh
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_cell_backward(
     const Tensor& grad_hy, const Tensor& input, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
     const Tensor& gi, const Tensor& gh, std::array<bool, 6> output_mask, Path path) {
   auto [d_gi, d_gh, grad_hx] = gru_backward_chunk(step(gi), step(gh), step(hx), w_hh.contiguous(), step(grad_hy),
                                                   at::zeros_like(hx), path);
-  auto g = parameter_grads(d_gi.squeeze(0), d_gh.squeeze(0), input, hx, w_ih, output_mask[0],
-                           output_mask[2], output_mask[3], output_mask[4],
-                           output_mask[5]);
-  return {g[0], output_mask[1] ? grad_hx : unwanted(hx), g[1], g[2], g[3], g[4]};
+  const Tensor d_in = d_gi.squeeze(0), d_hid = d_gh.squeeze(0);
+  auto g = parameter_grads(d_in, d_hid, input, hx, w_ih, output_mask[0], output_mask[2], output_mask[3],
+                           output_mask[4], output_mask[5]);
+  return {g[0], output_mask[1] ? grad_hx : unwanted(hx), g[1], g[2], g[3], g[4], d_in, d_hid};
 }
 
 // ----------------------------------------------------------------------------- LSTM
@@ -169,8 +170,8 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell(const Tensor& input, const Tensor& 
   return {hy, cy, gates.squeeze(0)};
 }
 
-// -> grads of (input, hx, cx, w_ih, w_hh, b_ih, b_hh); output_mask in the same order
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward(
+// -> grads of (input, hx, cx, w_ih, w_hh, b_ih, b_hh), output_mask in the same order; then the gates' gradient
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward(
     const Tensor& grad_hy, const Tensor& grad_cy, const Tensor& input, const Tensor& hx, const Tensor& cx,
     const Tensor& w_ih, const Tensor& w_hh, const Tensor& gates, std::array<bool, 7> output_mask, Path path) {
   auto [d_gates, grad_hx, grad_cx, unused] = lstm_backward_chunk(
@@ -179,7 +180,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_bac
   auto g = parameter_grads(d, d, input, hx, w_ih, output_mask[0], output_mask[3],
                            output_mask[4], output_mask[5], output_mask[6]);
   return {g[0], output_mask[1] ? grad_hx : unwanted(hx), output_mask[2] ? grad_cx : unwanted(cx),
-          g[1], g[2], g[3], g[4]};
+          g[1], g[2], g[3], g[4], d};
 }
 
 }  // namespace

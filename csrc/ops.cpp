@@ -39,22 +39,24 @@ TORCH_LIBRARY(fastbptt, m) {
   // Cell steps (torch.nn's RNNCell, GRUCell, LSTMCell; csrc/cell_ops.cpp): input [B,I], hx, cx [B,H],
   // w_ih [G*H,I], w_hh [G*H,H], biases [G*H]. The forward returns the new state and what its backward
   // reads; the backward returns the gradients of the forward's tensor arguments in order (empty where
-  // output_mask says no). `path` as for the chunk ops.
+  // output_mask says no), then those of the gate pre-activations (RNN, LSTM: of x W_ih^T + h W_hh^T +
+  // biases; GRU: of gi = x W_ih^T + b_ih and of gh = h W_hh^T + b_hh), from which the weight gradients
+  // of many steps can be formed in one product. `path` as for the chunk ops.
   m.def("rnn_cell(Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, bool relu, "
         "str path) -> Tensor");
   m.def("rnn_cell_backward(Tensor grad_hy, Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor hy, bool relu, "
-        "bool[6] output_mask, str path) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "bool[6] output_mask, str path) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // -> (hy, gi [B,3H], gh [B,3H])
   m.def("gru_cell(Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, str path) -> "
         "(Tensor, Tensor, Tensor)");
   m.def("gru_cell_backward(Tensor grad_hy, Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor gi, Tensor gh, "
-        "bool[6] output_mask, str path) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "bool[6] output_mask, str path) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // -> (hy, cy, gates [B,4H] pre-activations)
   m.def("lstm_cell(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
         "str path) -> (Tensor, Tensor, Tensor)");
   m.def("lstm_cell_backward(Tensor grad_hy, Tensor grad_cy, Tensor input, Tensor hx, Tensor cx, Tensor w_ih, "
         "Tensor w_hh, Tensor gates, bool[7] output_mask, str path) -> "
-        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 #ifdef FASTBPTT_WITH_CUDA

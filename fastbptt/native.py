@@ -69,7 +69,8 @@ def _register_fakes() -> None:
 
     @fake("fastbptt::rnn_cell_backward")
     def _rnn_cell_backward(grad_hy, input, hx, w_ih, w_hh, hy, relu, output_mask, path):
-        return cell_grads((input, hx, w_ih, w_hh, gate_bias(w_ih), gate_bias(w_ih)), output_mask)
+        return cell_grads((input, hx, w_ih, w_hh, gate_bias(w_ih), gate_bias(w_ih)), output_mask) + (
+            input.new_empty(input.shape[0], w_ih.shape[0]),)
 
     @fake("fastbptt::gru_cell")
     def _gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh, path):
@@ -78,7 +79,8 @@ def _register_fakes() -> None:
 
     @fake("fastbptt::gru_cell_backward")
     def _gru_cell_backward(grad_hy, input, hx, w_ih, w_hh, gi, gh, output_mask, path):
-        return cell_grads((input, hx, w_ih, w_hh, gate_bias(w_ih), gate_bias(w_ih)), output_mask)
+        return cell_grads((input, hx, w_ih, w_hh, gate_bias(w_ih), gate_bias(w_ih)), output_mask) + (
+            torch.empty_like(gi), torch.empty_like(gh))
 
     @fake("fastbptt::lstm_cell")
     def _lstm_cell(input, hx, cx, w_ih, w_hh, b_ih, b_hh, path):
@@ -86,7 +88,8 @@ def _register_fakes() -> None:
 
     @fake("fastbptt::lstm_cell_backward")
     def _lstm_cell_backward(grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, gates, output_mask, path):
-        return cell_grads((input, hx, cx, w_ih, w_hh, gate_bias(w_ih), gate_bias(w_ih)), output_mask)
+        return cell_grads((input, hx, cx, w_ih, w_hh, gate_bias(w_ih), gate_bias(w_ih)), output_mask) + (
+            torch.empty_like(gates),)
 
 
 if _C is not None:

@@ -203,6 +203,8 @@ def test_opcheck(cell, path, dtype):
 @native
 @pytest.mark.parametrize("cell", CELLS)
 def test_backward_op_computes_only_the_gradients_asked_for(cell):
+    """Each gradient alone, the rest empty; then the gate gradients, from which the weight
+    gradients are products (what a chain of steps sums over many steps at once)."""
     op, args = native_op_args(cell)
     lstm = cell == "lstm"
     n_diff = 7 if lstm else 6
@@ -221,11 +223,18 @@ def test_backward_op_computes_only_the_gradients_asked_for(cell):
                 grads = backward(*grad_states, *diff[:4], outputs[1], outputs[2], mask, path)
             else:
                 grads = backward(*grad_states, *diff[:4], outputs, args[-2], mask, path)
-            for i, g in enumerate(grads):
+            for i, g in enumerate(grads[:n_diff]):
                 if i == wanted:
                     torch.testing.assert_close(g, expected[i])
                 else:
                     assert g.numel() == 0, (i, g.shape)
+            d_in, d_hid = grads[n_diff], grads[-1]   # the GRU's gi and gh; one gradient for the others
+            assert len(grads) == n_diff + (2 if cell == "gru" else 1)
+            x, hx, w = diff[0], diff[1], n_diff - 4
+            torch.testing.assert_close(d_in.t() @ x, expected[w])
+            torch.testing.assert_close(d_hid.t() @ hx, expected[w + 1])
+            torch.testing.assert_close(d_in.sum(0), expected[w + 2])
+            torch.testing.assert_close(d_hid.sum(0), expected[w + 3])
 
 
 class CellLoop(nn.Module):

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import cells, dispatch, native, reference
-from . import check_parameters, in_functorch_transform, library, recurrent_layer
+from . import check_parameters, in_functorch_transform, library, recurrence, recurrent_layer
 
 NATIVE_BACKENDS = ("cpu", "cuda")
 
@@ -49,12 +49,17 @@ def run_cell_step(spec: cells.CellSpec, input: Tensor, hx: Tensor, weight_ih: Te
         result = recurrent_layer(cell, input[None], hx, weight_ih, weight_hh, bias_ih, bias_hh, cx=cx, chunk_size=1,
                                  recompute=False, backend=kernel)
         return result[1:] if spec.has_cell_state else result[1]
-    if spec.kernel == "lstm":
-        hy, cy, _ = torch.ops.fastbptt.lstm_cell(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, path)
-        return hy, cy
-    if spec.kernel == "gru":
-        return torch.ops.fastbptt.gru_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, path)[0]
-    return torch.ops.fastbptt.rnn_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, spec.relu, path)
+    op = _NATIVE_OPS[f"{spec.kernel}_cell"]
+    options = (spec.relu, path) if op.is_rnn else (path,)
+    args = (input, hx) + ((cx,) if op.lstm else ()) + (weight_ih, weight_hh, bias_ih, bias_hh)
+    if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and any(w is not None and w.requires_grad for w in args[op.n_leading:])):
+        output = _chain_step(op, options, args)
+    elif torch.is_grad_enabled() or torch.compiler.is_compiling():
+        output = op.forward(*args, *options)
+    else:
+        output = op.below_autograd(*args, *options)
+    return output if op.is_rnn else tuple(output[:op.n_states]) if op.lstm else output[0]
 
 
 def check_cell_args(spec: cells.CellSpec, input: Tensor, hx: Tensor, cx: Optional[Tensor], weight_ih: Tensor,
@@ -68,12 +73,49 @@ def check_cell_args(spec: cells.CellSpec, input: Tensor, hx: Tensor, cx: Optiona
 
 # ----------------------------------------------------------------------------- autograd of the native ops
 
+class _NativeOp:
+    """A native cell op and its backward: the differentiable arguments (schema order), what the
+    forward returns for the backward to read, and how the backward op is called."""
+
+    def __init__(self, cell_op: str, cell: str):
+        self.lstm = cells.SPECS[cell].has_cell_state
+        self.cell = cell
+        self.forward = getattr(torch.ops.fastbptt, cell_op)
+        self.backward = getattr(torch.ops.fastbptt, f"{cell_op}_backward")
+        self.is_rnn = cell_op == "rnn_cell"
+        self.n_diff = len(_ARGS[self.lstm])
+        self.n_states = 2 if self.lstm else 1       # hy (, cy): the outputs with gradients
+        self.n_leading = self.n_diff - 4            # input, hx (, cx): the arguments before the weights
+        self.shared_gates = cell != "gru"           # one gate gradient for both products (else gi's and gh's)
+
+    def below_autograd(self, *args):
+        """The op without its autograd kernel (a Python function, whose cost a step would pay even
+        without grad): for a forward already inside autograd.Function or under no_grad."""
+        with torch._C._AutoDispatchBelowAutograd():
+            return self.forward(*args)
+
+    def kept(self, output) -> tuple:
+        """What the forward returns for the backward: the RNN's output, the GRU's gi and gh, the LSTM's gates."""
+        if self.is_rnn:
+            return (output,)
+        return tuple(output[self.n_states:])
+
+    def layer_cell(self, options: tuple) -> str:
+        return ("rnn_relu" if options[0] else "rnn_tanh") if self.is_rnn else self.cell
+
+    def grads(self, diff: tuple, kept: tuple, options: tuple, state_grads: tuple, mask: list) -> tuple:
+        """The backward op: gradients of ``diff`` (empty where ``mask`` says no), then the gate gradients."""
+        state_grads = tuple(torch.zeros_like(diff[1]) if g is None else g for g in state_grads)
+        *flags, path = options   # (relu, path) for the RNN, (path,) otherwise
+        return self.backward(*state_grads, *diff[:-2], *kept, *flags, mask, path)
+
+
 def _double_backward(cell: str, diff: tuple, grads: tuple, mask: list) -> list:
     """Gradients that can themselves be differentiated: the layer ops' formula on a one-step layer."""
     lstm = cells.SPECS[cell].has_cell_state
     layer_diff = (diff[0][None],) + tuple(diff[1:]) + ((None,) if lstm else ())   # + weight_hr
     layer_mask = list(mask) + ([False] if lstm else [])
-    state_grads = tuple(torch.zeros_like(g) if g is None else g for g in grads)
+    state_grads = tuple(torch.zeros_like(diff[1]) if g is None else g for g in grads)   # hx, cx: [B, H]
     output_grad = torch.zeros_like(state_grads[0])[None]
     result = library._differentiable_backward(cell, layer_diff, None, (output_grad,) + state_grads, layer_mask, False)
     if result[0] is not None:
@@ -81,45 +123,205 @@ def _double_backward(cell: str, diff: tuple, grads: tuple, mask: list) -> list:
     return result[:len(diff)]
 
 
-def _register(cell_op: str, cell: str) -> None:
-    """Autograd for ``fastbptt::{cell_op}``: the native backward op, or the differentiable formula
-    when a graph of the gradients is asked for."""
-    lstm = cells.SPECS[cell].has_cell_state
-    n_diff = len(_ARGS[lstm])
-    backward_op = getattr(torch.ops.fastbptt, f"{cell_op}_backward")
+def _register(op: _NativeOp) -> None:
+    """Autograd for the op: the native backward op, or the differentiable formula when a graph of
+    the gradients is asked for."""
 
     def setup_context(ctx, inputs, output):
-        diff, options = inputs[:n_diff], inputs[n_diff:]
-        if cell_op == "rnn_cell":
-            saved = (output,)
-        else:  # the gate pre-activations the backward reads
-            saved = output[2:] if lstm else output[1:]
-            ctx.mark_non_differentiable(*saved)
-        ctx.save_for_backward(*diff, *saved)
-        ctx.options = options    # (relu, path) for the RNN, (path,) otherwise
+        diff, options = inputs[:op.n_diff], inputs[op.n_diff:]
+        kept = op.kept(output)
+        if not op.is_rnn:   # the gate pre-activations the backward reads
+            ctx.mark_non_differentiable(*kept)
+        ctx.save_for_backward(*diff, *kept)
+        ctx.options = options
         ctx.set_materialize_grads(False)
 
     def backward(ctx, *grads):
         saved = ctx.saved_tensors
-        diff, kept = saved[:n_diff], saved[n_diff:]
-        mask = [bool(m) and t is not None for m, t in zip(ctx.needs_input_grad[:n_diff], diff)]
-        state_grads = grads[:2] if lstm else grads[:1]
+        diff, kept = saved[:op.n_diff], saved[op.n_diff:]
+        mask = [bool(m) and t is not None for m, t in zip(ctx.needs_input_grad[:op.n_diff], diff)]
+        state_grads = grads[:op.n_states]
         if not any(mask) or all(g is None for g in state_grads):
             return (None,) * len(ctx.needs_input_grad)
         if torch.is_grad_enabled():  # a graph of the gradients is wanted: double backward
-            name = ("rnn_relu" if ctx.options[0] else "rnn_tanh") if cell_op == "rnn_cell" else cell
-            result = _double_backward(name, diff, state_grads, mask)
-        else:  # backward_op(state grads, tensors but the biases, what the forward kept, [relu], mask, path)
-            state_grads = tuple(torch.zeros_like(diff[1]) if g is None else g for g in state_grads)
-            *flags, path = ctx.options
-            result = backward_op(*state_grads, *diff[:-2], *kept, *flags, mask, path)
+            result = _double_backward(op.layer_cell(ctx.options), diff, state_grads, mask)
+        else:
+            result = op.grads(diff, kept, ctx.options, state_grads, mask)
         grads_out = tuple(g if m else None for g, m in zip(result, mask))
-        return grads_out + (None,) * (len(ctx.needs_input_grad) - n_diff)
+        return grads_out + (None,) * (len(ctx.needs_input_grad) - op.n_diff)
 
-    torch.library.register_autograd(f"fastbptt::{cell_op}", backward, setup_context=setup_context)
+    torch.library.register_autograd(op.forward._qualified_op_name, backward, setup_context=setup_context)
+
+
+# ----------------------------------------------------------------------------- chains: deferred weight gradients
+#
+# A cell loop runs T steps on the same weights. Formed step by step, as the op's backward does,
+# each weight gradient is a product over B rows that reads and writes the whole weight, and
+# autograd then adds T such tensors: for small batches that traffic is most of a training step.
+# In eager training the steps of a chain (each one's hx the previous one's output, on the same
+# weights) take their weights from one node, _ChainWeights, whose outputs are views of them. A
+# step's backward leaves its gate gradients (and the input and hx they multiply) on the chain's
+# tape and gives the weights no gradient; autograd runs _ChainWeights after every step of the
+# backward pass that reaches it (it is an input of all of them), and that node forms each weight
+# gradient in one product over all the steps. The tape is keyed by the backward pass (graph task),
+# so separate passes (retain_graph, torch.autograd.grad on part of the graph) never mix, and a
+# pass that does not reach the weights drops what its steps left when it ends.
+
+class _Tape:
+    """The weight gradients of a chain's steps, summed per backward pass. Gate gradients are kept
+    until they span ``rows`` rows (all steps of a small batch, a few of a large one), then go into
+    the sums in one product each: fewer, larger products than one per step, with the kept rows
+    still in cache."""
+
+    __slots__ = ("weights", "wanted", "shared_gates", "pending")
+    rows = 128
+
+    def __init__(self, weights: tuple, wanted: tuple, shared_gates: bool):
+        self.weights, self.wanted, self.shared_gates = weights, wanted, shared_gates
+        self.pending: dict[int, _PassSums] = {}
+
+    def push(self, d_in: Tensor, d_hid: Tensor, input: Tensor, hx: Tensor) -> None:
+        task = torch._C._current_graph_task_id()
+        sums = self.pending.get(task)
+        if sums is None:
+            sums = self.pending[task] = _PassSums(self)
+            # a pass that never reaches the weights (autograd.grad of part of the graph) drops its own
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: self.pending.pop(task, None))
+        sums.add(d_in, d_hid, input, hx)
+
+    def take(self) -> Optional["_PassSums"]:
+        return self.pending.pop(torch._C._current_graph_task_id(), None)
+
+
+class _PassSums:
+    """One backward pass's weight and bias gradients of a chain, and the steps not yet summed."""
+
+    __slots__ = ("tape", "accumulators", "steps", "rows")
+
+    def __init__(self, tape: _Tape):
+        self.tape = tape
+        self.accumulators = [recurrence._GradAccumulator(w, wanted) for w, wanted in zip(tape.weights, tape.wanted)]
+        self.steps, self.rows = [], 0
+
+    def add(self, *step: Tensor) -> None:   # (input-side gate gradient, hidden-side one, input, hx)
+        self.steps.append(step)
+        self.rows += step[2].shape[0]
+        if self.rows >= self.tape.rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.steps:
+            return
+        d_in, x, h = (torch.cat([s[i] for s in self.steps]) if len(self.steps) > 1 else self.steps[0][i]
+                      for i in (0, 2, 3))
+        d_hid = d_in if self.tape.shared_gates else torch.cat([s[1] for s in self.steps])
+        w_ih, w_hh, *biases = self.accumulators
+        w_ih.add_product(d_in, x)
+        w_hh.add_product(d_hid, h)
+        if biases:
+            biases[0].add_sum(d_in)
+            biases[1].add_sum(d_hid)
+        self.steps, self.rows = [], 0
+
+
+class _ChainWeights(torch.autograd.Function):
+    """The weights of a chain (views of them, identity forward); the backward returns the gradients
+    the steps summed on the tape, plus any a step gave directly (double backward)."""
+
+    @staticmethod
+    def forward(ctx, tape: _Tape, *weights: Tensor):   # w_ih, w_hh (, b_ih, b_hh)
+        ctx.tape = tape
+        ctx.set_materialize_grads(False)
+        return tuple(w.view_as(w) for w in weights)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        sums = ctx.tape.take()
+        if sums is None:
+            return (None,) + grads
+        sums.flush()
+        for acc, grad in zip(sums.accumulators, grads):
+            acc.add(grad)
+        return (None,) + tuple(acc.result() if acc.wanted and acc.total is not None else None
+                               for acc in sums.accumulators)
+
+
+class _Chain:
+    """The steps of one cell loop on the same weights: the _ChainWeights node they read them through."""
+
+    __slots__ = ("op", "options", "sources", "state", "tape", "weights")
+
+    def __init__(self, op: _NativeOp, options: tuple, sources: tuple):
+        self.op, self.options, self.sources = op, options, sources
+        self.state = _weights_state(sources)
+        present = tuple(w for w in sources if w is not None)
+        self.tape = _Tape(present, tuple(w.requires_grad for w in present), op.shared_gates)
+        present = _ChainWeights.apply(self.tape, *present)
+        shared = iter(present)
+        self.weights = tuple(next(shared) if w is not None else None for w in sources)
+
+    def continues(self, op: _NativeOp, options: tuple, sources: tuple) -> bool:
+        """Whether a step on ``sources`` can join: the same op and weights, none updated since."""
+        return (op is self.op and options == self.options and all(a is b for a, b in zip(sources, self.sources))
+                and self.state == _weights_state(sources))
+
+
+def _weights_state(weights: tuple) -> tuple:
+    return tuple((w._version, w.requires_grad) for w in weights if w is not None)
+
+
+class _ChainStep(torch.autograd.Function):
+    """A step of a chain: the native op forward; the backward gives the input and state gradients
+    and leaves the gate gradients on the chain's tape for the weights."""
+
+    @staticmethod
+    def forward(ctx, chain: _Chain, *args: Optional[Tensor]):  # the op's tensor arguments, the chain's weights
+        op = chain.op
+        output = op.below_autograd(*args, *chain.options)
+        kept = op.kept(output)
+        if not op.is_rnn:
+            ctx.mark_non_differentiable(*kept)
+        ctx.save_for_backward(*args, *kept)
+        ctx.chain = chain
+        ctx.set_materialize_grads(False)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        chain = ctx.chain
+        op = chain.op
+        saved = ctx.saved_tensors
+        diff, kept = saved[:op.n_diff], saved[op.n_diff:]
+        needs = [bool(m) and t is not None for m, t in zip(ctx.needs_input_grad[1:], diff)]
+        state_grads = grads[:op.n_states]
+        if not any(needs) or all(g is None for g in state_grads):
+            return (None,) * len(ctx.needs_input_grad)
+        if torch.is_grad_enabled():   # double backward: every gradient now, differentiable
+            result = _double_backward(op.layer_cell(chain.options), diff, state_grads, needs)
+            return (None,) + tuple(g if m else None for g, m in zip(result, needs))
+        leading = needs[:op.n_leading]
+        result = op.grads(diff, kept, chain.options, state_grads, leading + [False] * 4)
+        if any(needs[op.n_leading:]):
+            gates = result[op.n_diff:]
+            chain.tape.push(gates[0], gates[-1], diff[0], diff[1])
+        return (None,) + tuple(g if m else None for g, m in zip(result[:op.n_leading], leading)) + (None,) * 4
+
+
+_NATIVE_OPS: dict = {}
+
+
+def _chain_step(op: _NativeOp, options: tuple, args: tuple):
+    """Runs ``op`` as a step of the chain its hx continues, or of a new chain."""
+    leading, sources = args[:op.n_leading], args[op.n_leading:]
+    hx = leading[1]
+    producer = (hx if hx._base is None else hx._base).grad_fn   # a _ChainStep's node is its ctx
+    chain = getattr(producer, "chain", None)
+    if chain is None or not chain.continues(op, options, sources):
+        chain = _Chain(op, options, sources)
+    return _ChainStep.apply(chain, *leading, *chain.weights)
 
 
 if native._C is not None:
-    _register("rnn_cell", "rnn_tanh")   # tanh or relu: a flag of the op
-    _register("gru_cell", "gru")
-    _register("lstm_cell", "lstm")
+    for _op_name, _cell in (("rnn_cell", "rnn_tanh"), ("gru_cell", "gru"), ("lstm_cell", "lstm")):
+        _NATIVE_OPS[_op_name] = _NativeOp(_op_name, _cell)   # rnn_cell: tanh or relu is a flag of the op
+        _register(_NATIVE_OPS[_op_name])
