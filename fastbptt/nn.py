@@ -280,9 +280,11 @@ class _FusedCellMixin:
         """Exporters record torch.nn's forward (ONNX has no cell operator of its own, but torch's
         decomposes into standard ones); under autocast torch's own forward runs too, so the dtypes of
         the outputs are torch's, whatever it casts."""
-        device_type = input.device.type
-        return _exporting() or (torch.amp.is_autocast_available(device_type)
-                                and torch.is_autocast_enabled(device_type))
+        if torch._C._is_any_autocast_enabled():   # cheap, and false in nearly every call
+            device_type = input.device.type
+            if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+                return True
+        return _exporting()
 
     def _check_step_args(self, input: Tensor, states: tuple) -> None:
         """torch.nn's checks, with its messages, and the dtype/device checks of the layers."""

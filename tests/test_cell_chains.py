@@ -191,3 +191,24 @@ def test_bfloat16_chain_within_torch_nns_own_error(cell):
         results.append([p.grad.double() for p in module.parameters()])
     for exact, theirs, ours in zip(*results):
         assert (ours - exact).abs().max() <= 2 * (theirs - exact).abs().max() + 1e-2
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_all_weights_frozen_input_and_state_gradients(cell):
+    """Only the input and the initial state train (the weights frozen): the steps still run as a
+    chain, with nothing to sum for the weights."""
+    ref, fast = make_pair(cell)
+    start = torch.randn(BATCH, HIDDEN, dtype=torch.float64)
+    results = []
+    for module in (ref, fast):
+        module.requires_grad_(False)
+        xs = inputs()
+        h0 = start.clone().requires_grad_()
+        state0 = (h0, torch.zeros_like(h0)) if cell == "lstm" else h0
+        outs, state = loop(module, xs, state0)
+        weighted(outs).backward()
+        results.append([xs.grad, h0.grad])
+        if module is fast:
+            assert chain_of(state).tape.pending == {}
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want)

@@ -65,6 +65,8 @@ def check_parameters(spec: cells.CellSpec, unit: str, x_t: Tensor, hx: Tensor, c
 def in_functorch_transform(tensors) -> bool:
     """Inside torch.func transforms (grad, vmap, jacrev, jvp), which custom ops' autograd does not
     support: the callers run plain PyTorch ops there, differentiable and batchable to any order."""
+    if torch._C._functorch.peek_interpreter_stack() is None:   # no transform running: a cheap test first
+        return False
     return not torch.compiler.is_compiling() and any(
         t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 

@@ -52,11 +52,10 @@ def run_cell_step(spec: cells.CellSpec, input: Tensor, hx: Tensor, weight_ih: Te
     op = _NATIVE_OPS[f"{spec.kernel}_cell"]
     options = (spec.relu, path) if op.is_rnn else (path,)
     args = (input, hx) + ((cx,) if op.lstm else ()) + (weight_ih, weight_hh, bias_ih, bias_hh)
-    if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and any(w is not None and w.requires_grad for w in args[op.n_leading:])):
-        output = _chain_step(op, options, args)
-    elif torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():   # the op with its registered autograd, which torch.compile traces
         output = op.forward(*args, *options)
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+        output = _chain_step(op, options, args)
     else:
         output = op.below_autograd(*args, *options)
     return output if op.is_rnn else tuple(output[:op.n_states]) if op.lstm else output[0]
@@ -307,6 +306,11 @@ class _ChainStep(torch.autograd.Function):
         return (None,) + tuple(g if m else None for g, m in zip(result[:op.n_leading], leading)) + (None,) * 4
 
 
+# autograd.Function.apply without its Python wrapper, which binds default arguments and unwraps
+# torch.func tensors: a step pays it every time, and a chain never runs under torch.func (a step
+# there runs the reference maths, see run_cell_step)
+_apply_chain_step = torch._C._FunctionBase.__dict__["apply"].__get__(None, _ChainStep)
+
 _NATIVE_OPS: dict = {}
 
 
@@ -318,7 +322,7 @@ def _chain_step(op: _NativeOp, options: tuple, args: tuple):
     chain = getattr(producer, "chain", None)
     if chain is None or not chain.continues(op, options, sources):
         chain = _Chain(op, options, sources)
-    return _ChainStep.apply(chain, *leading, *chain.weights)
+    return _apply_chain_step(chain, *leading, *chain.weights)
 
 
 if native._C is not None:
