@@ -4,8 +4,9 @@ A cell step is a layer's chunk of one step, so it runs on the same backends. The
 (``cpu``, ``cuda``) have their own ops, ``fastbptt::{rnn,gru,lstm}_cell`` and their
 ``*_backward`` (``csrc/cell_ops.cpp``): one call per step into C++, which runs the fused chunk
 kernel on a one-step chunk plus the products around it, because a Python loop over a cell pays
-its per-call overhead at every step. Their autograd formula and fake kernels are registered here.
-Every other backend (``triton``, ``reference``) runs the step as a one-step layer
+its per-call overhead at every step. Their autograd formula and fake kernels are registered here,
+and so are chains: in eager training the steps of a loop sum their weight gradients together
+(see the section below). Every other backend (``triton``, ``reference``) runs the step as a one-step layer
 (:func:`fastbptt.ops.recurrent_layer`).
 """
 from __future__ import annotations
