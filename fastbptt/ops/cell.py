@@ -103,6 +103,34 @@ class _NativeOp:
     def layer_cell(self, options: tuple) -> str:
         return ("rnn_relu" if options[0] else "rnn_tanh") if self.is_rnn else self.cell
 
+    def save(self, ctx, args: tuple, output) -> None:
+        """Keeps a step's tensor arguments and what its forward returned for the backward."""
+        kept = self.kept(output)
+        if not self.is_rnn:   # the gate pre-activations the backward reads
+            ctx.mark_non_differentiable(*kept)
+        ctx.save_for_backward(*args, *kept)
+        ctx.set_materialize_grads(False)
+
+    def step_grads(self, ctx, grads: tuple, needs_input_grad, options: tuple, tape=None) -> tuple:
+        """Gradients of a step's tensor arguments (None where not needed) from those of its states,
+        with what :meth:`save` kept. With a ``tape`` the weights get none: the step leaves its gate
+        gradients there instead."""
+        saved = ctx.saved_tensors
+        diff, kept = saved[:self.n_diff], saved[self.n_diff:]
+        needs = [bool(m) and t is not None for m, t in zip(needs_input_grad, diff)]
+        state_grads = grads[:self.n_states]
+        if not any(needs) or all(g is None for g in state_grads):
+            return (None,) * self.n_diff
+        if torch.is_grad_enabled():  # a graph of the gradients is wanted: double backward, every gradient now
+            result = _double_backward(self.layer_cell(options), diff, state_grads, needs)
+            return tuple(g if m else None for g, m in zip(result, needs))
+        mask = needs if tape is None else needs[:self.n_leading] + [False] * 4
+        result = self.grads(diff, kept, options, state_grads, mask)
+        if tape is not None and any(needs[self.n_leading:]):
+            gates = result[self.n_diff:]
+            tape.push(gates[0], gates[-1], diff[0], diff[1])
+        return tuple(g if m else None for g, m in zip(result, mask))
+
     def grads(self, diff: tuple, kept: tuple, options: tuple, state_grads: tuple, mask: list) -> tuple:
         """The backward op: gradients of ``diff`` (empty where ``mask`` says no), then the gate gradients."""
         state_grads = tuple(torch.zeros_like(diff[1]) if g is None else g for g in state_grads)
@@ -128,27 +156,12 @@ def _register(op: _NativeOp) -> None:
     the gradients is asked for."""
 
     def setup_context(ctx, inputs, output):
-        diff, options = inputs[:op.n_diff], inputs[op.n_diff:]
-        kept = op.kept(output)
-        if not op.is_rnn:   # the gate pre-activations the backward reads
-            ctx.mark_non_differentiable(*kept)
-        ctx.save_for_backward(*diff, *kept)
-        ctx.options = options
-        ctx.set_materialize_grads(False)
+        op.save(ctx, inputs[:op.n_diff], output)
+        ctx.options = inputs[op.n_diff:]
 
     def backward(ctx, *grads):
-        saved = ctx.saved_tensors
-        diff, kept = saved[:op.n_diff], saved[op.n_diff:]
-        mask = [bool(m) and t is not None for m, t in zip(ctx.needs_input_grad[:op.n_diff], diff)]
-        state_grads = grads[:op.n_states]
-        if not any(mask) or all(g is None for g in state_grads):
-            return (None,) * len(ctx.needs_input_grad)
-        if torch.is_grad_enabled():  # a graph of the gradients is wanted: double backward
-            result = _double_backward(op.layer_cell(ctx.options), diff, state_grads, mask)
-        else:
-            result = op.grads(diff, kept, ctx.options, state_grads, mask)
-        grads_out = tuple(g if m else None for g, m in zip(result, mask))
-        return grads_out + (None,) * (len(ctx.needs_input_grad) - op.n_diff)
+        result = op.step_grads(ctx, grads, ctx.needs_input_grad[:op.n_diff], ctx.options)
+        return result + (None,) * (len(ctx.needs_input_grad) - op.n_diff)
 
     torch.library.register_autograd(op.forward._qualified_op_name, backward, setup_context=setup_context)
 
@@ -276,35 +289,15 @@ class _ChainStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, chain: _Chain, *args: Optional[Tensor]):  # the op's tensor arguments, the chain's weights
-        op = chain.op
-        output = op.below_autograd(*args, *chain.options)
-        kept = op.kept(output)
-        if not op.is_rnn:
-            ctx.mark_non_differentiable(*kept)
-        ctx.save_for_backward(*args, *kept)
+        output = chain.op.below_autograd(*args, *chain.options)
+        chain.op.save(ctx, args, output)
         ctx.chain = chain
-        ctx.set_materialize_grads(False)
         return output
 
     @staticmethod
     def backward(ctx, *grads):
         chain = ctx.chain
-        op = chain.op
-        saved = ctx.saved_tensors
-        diff, kept = saved[:op.n_diff], saved[op.n_diff:]
-        needs = [bool(m) and t is not None for m, t in zip(ctx.needs_input_grad[1:], diff)]
-        state_grads = grads[:op.n_states]
-        if not any(needs) or all(g is None for g in state_grads):
-            return (None,) * len(ctx.needs_input_grad)
-        if torch.is_grad_enabled():   # double backward: every gradient now, differentiable
-            result = _double_backward(op.layer_cell(chain.options), diff, state_grads, needs)
-            return (None,) + tuple(g if m else None for g, m in zip(result, needs))
-        leading = needs[:op.n_leading]
-        result = op.grads(diff, kept, chain.options, state_grads, leading + [False] * 4)
-        if any(needs[op.n_leading:]):
-            gates = result[op.n_diff:]
-            chain.tape.push(gates[0], gates[-1], diff[0], diff[1])
-        return (None,) + tuple(g if m else None for g, m in zip(result[:op.n_leading], leading)) + (None,) * 4
+        return (None,) + chain.op.step_grads(ctx, grads, ctx.needs_input_grad[1:], chain.options, chain.tape)
 
 
 # autograd.Function.apply without its Python wrapper, which binds default arguments and unwraps
