@@ -16,10 +16,10 @@ pytestmark = native
 STEPS, BATCH = 7, 3
 
 
-def make_pair(cell: str, dtype=torch.float64, bias: bool = True):
+def make_pair(cell: str, dtype=torch.float64, bias: bool = True, backend: str = "cpu"):
     torch.manual_seed(0)
     ref = TORCH_CELL_MODULE_OF_CELL[cell](INPUT, HIDDEN, bias=bias, **cell_kwargs(cell)).to(dtype)
-    fast = CELL_MODULE_OF_CELL[cell](INPUT, HIDDEN, bias=bias, backend="cpu", **cell_kwargs(cell)).to(dtype)
+    fast = CELL_MODULE_OF_CELL[cell](INPUT, HIDDEN, bias=bias, backend=backend, **cell_kwargs(cell)).to(dtype)
     fast.load_state_dict(ref.state_dict())
     return ref, fast
 
@@ -208,6 +208,28 @@ def test_all_weights_frozen_input_and_state_gradients(cell):
         outs, state = loop(module, xs, state0)
         weighted(outs).backward()
         results.append([xs.grad, h0.grad])
+        if module is fast:
+            assert chain_of(state).tape.pending == {}
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cell", CELLS)
+def test_gpu_chain_gradients_match_torch_nn(cell):
+    """A loop on the cuda backend (its backward runs on autograd's device thread) against torch.nn
+    on the same GPU, float64, with repeated passes."""
+    ref, fast = make_pair(cell, backend="cuda")
+    ref, fast = ref.cuda(), fast.cuda()
+    results = []
+    for module in (ref, fast):
+        xs = inputs().detach().cuda().requires_grad_()
+        outs, state = loop(module, xs)
+        loss = weighted(outs.cpu())
+        loss.backward(retain_graph=True)
+        loss.backward()
+        results.append(grads_of(module, xs))
         if module is fast:
             assert chain_of(state).tape.pending == {}
     for got, want in zip(results[1], results[0]):
