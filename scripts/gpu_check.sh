@@ -6,7 +6,8 @@
 #   2. tests  every GPU test (`pytest -m cuda`: tests/test_cuda.py, Triton on CUDA tensors, the
 #             parity suite on the cuda and triton backends), ending with pytest's summary line;
 #   3. bench  the gpu-kernels benchmark preset: fastbptt 'cuda' and 'triton' against torch.nn
-#             (cuDNN) and torch.compile, float32 and bfloat16, time and peak memory.
+#             (cuDNN) and torch.compile, float32 and bfloat16, time and peak memory; then the
+#             cells preset: per-step loops of fastbptt's cells against torch.nn's cells.
 # Everything is logged to $OUT/gpu_check.log (OUT defaults to benchmarks/out/gpu-check); the
 # benchmark's JSON, markdown and plots land beside it; a table of the stages is printed last and
 # written to $OUT/summary.md. Exit status: 0 when every stage passed, 1 otherwise, 2 when the
@@ -46,6 +47,7 @@ WHEELS="${WHEELS:-.whl}"
 TIME_LIMIT="${TIME_LIMIT:-540}"
 OUT_DIR="${OUT:-$ROOT/benchmarks/out/gpu-check}"
 BENCH_RESERVE=240   # seconds kept for the benchmark when the tests run first
+CELLS_SHARE=75      # of the benchmark's seconds, those for the cell loops (preset cells)
 mkdir -p "$OUT_DIR" || exit 2
 LOG="$OUT_DIR/gpu_check.log"
 SUMMARY="$OUT_DIR/summary.md"
@@ -174,23 +176,21 @@ if [[ $MODE != bench ]]; then
 fi
 
 # ----------------------------------------------------------------------------- 3. benchmark
-if [[ $MODE != quick ]]; then
-  budget=$((TIME_LIMIT - SECONDS - 60))   # the last case started, and the files written, in 60 s
-  if [[ $budget -lt 30 ]]; then
-    record bench skipped 0 "only ${budget} s left of TIME_LIMIT=${TIME_LIMIT}"
-  else
-    log "=== bench: preset gpu-kernels, cases started within ${budget} s"
-    start=$SECONDS
-    rm -f "$OUT_DIR"/gpu-kernels-*   # only this run's results are counted and brought back
-    # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
-    "$PYTHON" -m fastbptt bench --preset gpu-kernels --out "$OUT_DIR" --budget "$budget" ${BENCH_ARGS:-} \
-      2>&1 | tee -a "$LOG"
-    status=${PIPESTATUS[0]}
-    # the records of this run, by status; a failed record fails the stage ("unavailable" is a
-    # kernel path declining a case, with its reason in the JSON)
-    counts="$("$PYTHON" - "$OUT_DIR" 2>&1 <<'PY'
+# bench_preset NAME BUDGET [ARGS...]: runs one preset, cases started within BUDGET s, and records
+# a row with its records by status; a failed record fails the row ("unavailable" is a kernel path
+# declining a case, with its reason in the JSON)
+bench_preset() {
+  local name=$1 budget=$2 start=$SECONDS status counts counted
+  shift 2
+  log "=== bench: preset $name, cases started within ${budget} s"
+  rm -f "$OUT_DIR/$name"-*   # only this run's results are counted and brought back
+  # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
+  "$PYTHON" -m fastbptt bench --preset "$name" --device cuda --out "$OUT_DIR" --budget "$budget" "$@" \
+    ${BENCH_ARGS:-} 2>&1 | tee -a "$LOG"
+  status=${PIPESTATUS[0]}
+  counts="$("$PYTHON" - "$OUT_DIR" "$name" 2>&1 <<'PY'
 import collections, glob, json, os, sys
-paths = sorted(glob.glob(os.path.join(sys.argv[1], "gpu-kernels-*.json")), key=os.path.getmtime)
+paths = sorted(glob.glob(os.path.join(sys.argv[1], f"{sys.argv[2]}-*.json")), key=os.path.getmtime)
 if not paths:
     sys.exit("no result file was written")
 records = json.load(open(paths[-1]))["records"]
@@ -200,14 +200,28 @@ print(f"{os.path.basename(paths[-1])}: {len(records)} records, "
 sys.exit(3 if counts["failed"] else 0)
 PY
 )"
-    counted=$?
-    if [[ $status -ne 0 ]]; then
-      record bench failed $((SECONDS - start)) "exit $status; $counts"
-    elif [[ $counted -ne 0 ]]; then
-      record bench "records failed" $((SECONDS - start)) "$counts"
-    else
-      record bench ok $((SECONDS - start)) "$counts"
-    fi
+  counted=$?
+  if [[ $status -ne 0 ]]; then
+    record "bench $name" failed $((SECONDS - start)) "exit $status; $counts"
+  elif [[ $counted -ne 0 ]]; then
+    record "bench $name" "records failed" $((SECONDS - start)) "$counts"
+  else
+    record "bench $name" ok $((SECONDS - start)) "$counts"
+  fi
+}
+
+if [[ $MODE != quick ]]; then
+  # the last case started, and the files written, in 60 s; the cell loops (preset cells) get
+  # CELLS_SHARE s of what is left, the kernels (preset gpu-kernels) the rest, first
+  budget=$((TIME_LIMIT - SECONDS - 60 - CELLS_SHARE))
+  if [[ $budget -lt 30 ]]; then
+    record bench skipped 0 "only $((budget + CELLS_SHARE)) s left of TIME_LIMIT=${TIME_LIMIT}"
+  else
+    bench_preset gpu-kernels "$budget"
+    # the cell loops' records in their JSON and their tables in the log: no plots or markdown, so
+    # that the output folder holds eight files at most
+    bench_preset cells $((TIME_LIMIT - SECONDS - 60 > 30 ? TIME_LIMIT - SECONDS - 60 : 30)) --no-plots
+    rm -f "$OUT_DIR"/cells-*.md
   fi
 fi
 

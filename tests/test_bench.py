@@ -307,6 +307,9 @@ def test_presets_expand():
         assert (case.loop, case.dtype, case.hidden, case.input_size, case.steps, case.layers, case.bidirectional) == \
             ("cell", "float32", 256, 256, 64, 1, False)
         assert [x.label for x in cands] == ["torch.nn", "torch.compile", "fastbptt[cpu]"]
+    gpu_cells = config.preset("cells", "cuda")   # what scripts/gpu_check.sh runs after gpu-kernels
+    assert gpu_cells.device == "cuda"
+    assert {cands[-1].label for _, cands in gpu_cells.items()} == {"fastbptt[cuda]"}
     gpu = config.preset("gpu-kernels").items()
     timed = {(c.cell, c.mode, c.dtype, c.batch, c.hidden, c.steps) for c, _ in gpu if c.timed}
     assert timed == {(cell, mode, dtype, b, h, t) for cell in ("gru", "lstm") for mode in ("train", "infer")

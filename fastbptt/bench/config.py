@@ -244,12 +244,14 @@ def _cpu_kernels(device: str) -> Plan:
 
 def _cells_preset(device: str) -> Plan:
     # fastbptt's cell modules in a per-step Python loop against torch.nn's cells and the compiled
-    # torch.nn cell; one run per thread count (--threads), the machine name records it
+    # torch.nn cell, on the device's compiled backend; on CPU one run per thread count (--threads),
+    # the machine name records it
+    backend = "cuda" if device == "cuda" else "cpu"
     grids = [Grid(cells=("rnn_tanh", "gru", "lstm"), batch=(1, 32), hidden=(256,), input_size=(256,), steps=(64,),
-                  dtypes=("float32",), backends=("cpu",), baselines=BASELINES, loop="cell")]
+                  dtypes=("float32",), backends=(backend,), baselines=BASELINES, loop="cell")]
     return Plan("cells", grids, device, warmup=2, reps=9,
-                description="cell loops: fastbptt's RNNCell/GRUCell/LSTMCell (backend 'cpu') called per step in a "
-                            "Python loop vs torch.nn's cells vs the compiled torch.nn cell",
+                description=f"cell loops: fastbptt's RNNCell/GRUCell/LSTMCell (backend '{backend}') called per step "
+                            "in a Python loop vs torch.nn's cells vs the compiled torch.nn cell",
                 out_dir=os.path.join("benchmarks", "results"),
                 plots=(("speedup", "batch"), ("time_per_step", "batch")))
 
