@@ -6,8 +6,8 @@ A cell step is a layer's chunk of one step, so it runs on the same backends. The
 kernel on a one-step chunk plus the products around it, because a Python loop over a cell pays
 its per-call overhead at every step. Their autograd formula and fake kernels are registered here,
 and so are chains: in eager training the steps of a loop sum their weight gradients together
-(see the section below). Every other backend (``triton``, ``reference``) runs the step as a one-step layer
-(:func:`fastbptt.ops.recurrent_layer`).
+(see the section below). Every other backend (``triton``, ``reference``) runs the step as a
+one-step layer (:func:`fastbptt.ops.recurrent_layer`).
 """
 from __future__ import annotations
 
@@ -89,8 +89,8 @@ class _NativeOp:
         self.shared_gates = cell != "gru"           # one gate gradient for both products (else gi's and gh's)
 
     def below_autograd(self, *args):
-        """The op without its autograd kernel (a Python function, whose cost a step would pay even
-        without grad): for a forward already inside autograd.Function or under no_grad."""
+        """The op without its autograd kernel, for a forward inside an autograd.Function or under
+        no_grad: that kernel is Python (registered below), and a step would pay for it even there."""
         with torch._C._AutoDispatchBelowAutograd():
             return self.forward(*args)
 
@@ -175,8 +175,8 @@ def _register(op: _NativeOp) -> None:
 # weights) take their weights from one node, _ChainWeights, whose outputs are views of them. A
 # step's backward leaves its gate gradients (and the input and hx they multiply) on the chain's
 # tape and gives the weights no gradient; autograd runs _ChainWeights after every step of the
-# backward pass that reaches it (it is an input of all of them), and that node forms each weight
-# gradient in one product over all the steps. The tape is keyed by the backward pass (graph task),
+# backward pass that reaches it (it is an input of all of them), and by then the tape has summed
+# each weight gradient in a few products over many steps' rows. The tape is keyed by the backward pass (graph task),
 # so separate passes (retain_graph, torch.autograd.grad on part of the graph) never mix, and a
 # pass that does not reach the weights drops what its steps left when it ends.
 
@@ -269,9 +269,8 @@ class _Chain:
         self.state = _weights_state(sources)
         present = tuple(w for w in sources if w is not None)
         self.tape = _Tape(present, tuple(w.requires_grad for w in present), op.shared_gates)
-        present = _ChainWeights.apply(self.tape, *present)
-        shared = iter(present)
-        self.weights = tuple(next(shared) if w is not None else None for w in sources)
+        views = iter(_ChainWeights.apply(self.tape, *present))
+        self.weights = tuple(next(views) if w is not None else None for w in sources)
 
     def continues(self, op: _NativeOp, options: tuple, sources: tuple) -> bool:
         """Whether a step on ``sources`` can join: the same op and weights, none updated since."""
