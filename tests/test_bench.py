@@ -17,6 +17,7 @@ from fastbptt.bench import cli, config, report, runner
 from fastbptt.bench.config import Candidate, Case
 
 TINY = dict(device="cpu", dtype="float32", batch=2, hidden=4, input_size=3, steps=5)
+CELL_TINY = dict(device="cpu", dtype="float32", batch=2, hidden=8, input_size=5, steps=3, loop="cell")
 REFERENCE = [Candidate("fastbptt", "reference", 2, True), Candidate("fastbptt", "reference", 2, False)]
 RECORD_FIELDS = {"key", "case", "candidate", "baseline", "status", "error", "time", "time_per_step_us", "speedup",
                  "memory", "notes"}
@@ -95,12 +96,13 @@ def test_records_name_the_kernel_path_and_a_forced_path_that_declines_is_unavail
     assert rec["status"] == "unavailable" and "the packed forward exists for GRU" in rec["error"]
 
 
-def test_compile_failure_is_reported(monkeypatch):
+@pytest.mark.parametrize("shape", [TINY, CELL_TINY], ids=["layer", "cell-loop"])
+def test_compile_failure_is_reported(monkeypatch, shape):
     def no_compile(*args, **kwargs):
         raise RuntimeError("inductor is not usable here")
 
     monkeypatch.setattr(torch, "compile", no_compile)
-    recs = run(Case("gru", "train", **TINY), [config.COMPILED], reps=1)
+    recs = run(Case("gru", "train", **shape), [config.COMPILED], reps=1)
     assert recs["torch.compile"]["status"] == "failed"
     assert "inductor is not usable here" in recs["torch.compile"]["error"]
     assert recs["torch.nn"]["status"] == "ok"
@@ -135,7 +137,6 @@ def test_cudnn_algorithm_follows_atens_heuristic():
 
 # ----------------------------------------------------------------------------- cell loops
 
-CELL_TINY = dict(device="cpu", dtype="float32", batch=2, hidden=8, input_size=5, steps=3, loop="cell")
 CELL_CANDIDATES = [Candidate("fastbptt", name) for name in cpu_backends()]
 
 
@@ -211,17 +212,6 @@ def test_cell_loop_candidates_are_the_cell_modules():
 def test_cell_backend_that_cannot_run_here_is_unavailable_with_the_reason():
     recs = run(Case("gru", "train", **CELL_TINY), [Candidate("fastbptt", "cuda")], reps=1)
     assert recs["fastbptt[cuda]"]["status"] == "unavailable" and recs["fastbptt[cuda]"]["error"]
-
-
-def test_cell_loop_compile_failure_is_reported(monkeypatch):
-    def no_compile(*args, **kwargs):
-        raise RuntimeError("inductor is not usable here")
-
-    monkeypatch.setattr(torch, "compile", no_compile)
-    recs = run(Case("gru", "train", **CELL_TINY), [config.COMPILED], reps=1)
-    assert recs["torch.compile"]["status"] == "failed"
-    assert "inductor is not usable here" in recs["torch.compile"]["error"]
-    assert recs["torch.nn"]["status"] == "ok"
 
 
 @pytest.mark.slow
