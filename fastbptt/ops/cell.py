@@ -21,10 +21,6 @@ from . import check_parameters, in_functorch_transform, library, recurrence, rec
 
 NATIVE_BACKENDS = ("cpu", "cuda")
 
-# differentiable tensor arguments of the cell ops, in schema order
-_ARGS = {False: ("input", "hx", "w_ih", "w_hh", "b_ih", "b_hh"),
-         True: ("input", "hx", "cx", "w_ih", "w_hh", "b_ih", "b_hh")}
-
 
 def cell_step(cell: str, input: Tensor, hx: Tensor, weight_ih: Tensor, weight_hh: Tensor,
               bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None, *, cx: Optional[Tensor] = None,
@@ -50,7 +46,7 @@ def run_cell_step(spec: cells.CellSpec, input: Tensor, hx: Tensor, weight_ih: Te
         result = recurrent_layer(cell, input[None], hx, weight_ih, weight_hh, bias_ih, bias_hh, cx=cx, chunk_size=1,
                                  recompute=False, backend=kernel)
         return result[1:] if spec.has_cell_state else result[1]
-    op = _NATIVE_OPS[f"{spec.kernel}_cell"]
+    op = _NATIVE_OPS[spec.kernel]
     options = (spec.relu, path) if op.is_rnn else (path,)
     args = (input, hx) + ((cx,) if op.lstm else ()) + (weight_ih, weight_hh, bias_ih, bias_hh)
     if torch.compiler.is_compiling():   # the op with its registered autograd, which torch.compile traces
@@ -83,9 +79,10 @@ class _NativeOp:
         self.forward = getattr(torch.ops.fastbptt, cell_op)
         self.backward = getattr(torch.ops.fastbptt, f"{cell_op}_backward")
         self.is_rnn = cell_op == "rnn_cell"
-        self.n_diff = len(_ARGS[self.lstm])
+        # the differentiable arguments in schema order: input, hx (, cx), then w_ih, w_hh, b_ih, b_hh
+        self.n_leading = 3 if self.lstm else 2
+        self.n_diff = self.n_leading + 4
         self.n_states = 2 if self.lstm else 1       # hy (, cy): the outputs with gradients
-        self.n_leading = self.n_diff - 4            # input, hx (, cx): the arguments before the weights
         self.shared_gates = cell != "gru"           # one gate gradient for both products (else gi's and gh's)
 
     def below_autograd(self, *args):
@@ -304,7 +301,7 @@ class _ChainStep(torch.autograd.Function):
 # there runs the reference maths, see run_cell_step)
 _apply_chain_step = torch._C._FunctionBase.__dict__["apply"].__get__(None, _ChainStep)
 
-_NATIVE_OPS: dict = {}
+_NATIVE_OPS: dict = {}   # by kernel (rnn, gru, lstm)
 
 
 def _chain_step(op: _NativeOp, options: tuple, args: tuple):
@@ -319,6 +316,6 @@ def _chain_step(op: _NativeOp, options: tuple, args: tuple):
 
 
 if native._C is not None:
-    for _op_name, _cell in (("rnn_cell", "rnn_tanh"), ("gru_cell", "gru"), ("lstm_cell", "lstm")):
-        _NATIVE_OPS[_op_name] = _NativeOp(_op_name, _cell)   # rnn_cell: tanh or relu is a flag of the op
-        _register(_NATIVE_OPS[_op_name])
+    for _kernel, _cell in (("rnn", "rnn_tanh"), ("gru", "gru"), ("lstm", "lstm")):
+        _NATIVE_OPS[_kernel] = _NativeOp(f"{_kernel}_cell", _cell)   # rnn_cell: tanh or relu is a flag of the op
+        _register(_NATIVE_OPS[_kernel])
