@@ -57,7 +57,16 @@ def check_state_dtype_device(x: Tensor, states: tuple, weight: Tensor) -> None:
                            f"parameters on {weight.device}")
 
 
-class _FusedRNNMixin:
+class _Named:
+    """The name a fastbptt module prints: a printed model shows which modules are fastbptt's (a
+    converted model is otherwise torch's look-alike)."""
+
+    def _get_name(self) -> str:
+        name = type(self).__name__
+        return f"fastbptt.{name}" if type(self).__module__ == __name__ else name
+
+
+class _FusedRNNMixin(_Named):
     """Shared forward for the three module types. ``self`` is a ``torch.nn.RNNBase``."""
 
     def _init_fastbptt(self, chunk_size: int, backend: str, recompute: bool) -> None:
@@ -77,11 +86,6 @@ class _FusedRNNMixin:
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
         return s
-
-    def _get_name(self) -> str:
-        # a printed model shows which modules are fastbptt's (a converted model is otherwise torch's look-alike)
-        name = type(self).__name__
-        return f"fastbptt.{name}" if type(self).__module__ == __name__ else name
 
     # ------------------------------------------------------------------ forward
     def forward(self, input, hx=None):
@@ -251,7 +255,7 @@ class LSTM(_FusedRNNMixin, nn.LSTM):
 
 # ----------------------------------------------------------------------------- cells
 
-class _FusedCellMixin:
+class _FusedCellMixin(_Named):
     """Shared forward of the three cell types. ``self`` is a ``torch.nn.RNNCellBase``; the argument
     checks and their messages are torch.nn's."""
 
@@ -262,10 +266,6 @@ class _FusedCellMixin:
     def extra_repr(self) -> str:
         s = super().extra_repr()
         return s + (f", backend={self.backend!r}" if self.backend != "auto" else "")
-
-    def _get_name(self) -> str:
-        name = type(self).__name__
-        return f"fastbptt.{name}" if type(self).__module__ == __name__ else name
 
     def _cell(self) -> str:
         if isinstance(self, nn.GRUCell):
