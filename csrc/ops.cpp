@@ -59,6 +59,12 @@ TORCH_LIBRARY(fastbptt, m) {
         "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
+namespace fastbptt {
+namespace cpu {
+std::string packed_isa_name();
+}  // namespace cpu
+}  // namespace fastbptt
+
 #ifdef FASTBPTT_WITH_CUDA
 namespace fastbptt {
 namespace cuda {
@@ -72,6 +78,9 @@ std::string persistent_decline_for(const std::string& cell, const std::string& d
 // Importing fastbptt._C runs the registrations above and in csrc/cpu, csrc/cuda.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastbptt native kernels (registered as torch.ops.fastbptt.*_chunk)";
+  m.def("cpu_packed_isa", &fastbptt::cpu::packed_isa_name,
+        "The vector ISA of the CPU packed path's kernels in this process: 'avx512' or 'avx2' "
+        "(capped by ATEN_CPU_CAPABILITY like ATen's own kernels).");
 #ifdef FASTBPTT_WITH_CUDA
   m.attr("with_cuda") = true;
   // Read by the backend registry (fastbptt/native.py) to decide and report the kernel path.

@@ -73,6 +73,10 @@ def path_lines(spec: dispatch.BackendSpec, available: bool) -> list[str]:
         reasons.discard("")
         if reasons:
             lines.append(f"      declines: {'; '.join(sorted(reasons))}")
+        if path.name == "packed":
+            from .native import packed_isa
+
+            lines.append(f"      micro-kernel ISA here: {packed_isa()}")
         if path.name == "persistent":
             from .native import persistent_capacity
 

@@ -137,6 +137,14 @@ def path_decline(name: str, path: str, cell: str, dtype: torch.dtype, batch: int
     return ""
 
 
+def packed_isa() -> str:
+    """The vector ISA the CPU packed path's micro-kernel runs with in this process: "avx512" (its own
+    AVX-512 register blocking, where the CPU has AVX-512 and ATen's CPU capability is AVX512, so
+    ``ATEN_CPU_CAPABILITY=avx2`` caps it too) or "avx2" (AVX2+FMA, or portable code without AVX2);
+    "" without the extension."""
+    return _C.cpu_packed_isa() if _C is not None else ""
+
+
 def persistent_decline(cell: str, dtype: torch.dtype, batch: int, hidden_size: int, proj_size: int = 0) -> str:
     """Why the persistent CUDA kernel cannot take the case on the current GPU, or ''. Its capacity
     (W_hh's slice in each block's shared memory, one co-resident block per SM at most) is

@@ -1,6 +1,10 @@
 """The fused C++ CPU kernels (backend "cpu"): parity with torch.nn and with the reference
 backend, gradients, the registered chunk ops (opcheck), thread-count invariance, the memory
 policies, and the kernels' own input checks."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -139,14 +143,15 @@ def test_small_batch_products_match_reference_kernels(name, proj, batch, masked)
 
 
 @pytest.mark.parametrize("name", ["gru_forward_chunk", "lstm_forward_chunk"])
-@pytest.mark.parametrize("batch", [1, 4, 5, 33])
+@pytest.mark.parametrize("batch", [1, 4, 5, 15, 33])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("saved", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_packed_step_forward_matches_reference_kernels(name, batch, masked, saved, threads):
     """float32 GRU / LSTM forward with W_hh packed per thread (csrc/cpu/packed_step.cpp): H = 37 is not a
-    multiple of the 16-column panels and B not of the 6-row micro-kernel; with and without padding and
-    gh_out / gates_out; the blas path on the same case for comparison."""
+    multiple of the 16-column panels, a thread's panel count is odd or even, and B is not a multiple of
+    the micro-kernel's rows (AVX2: 6, AVX-512: 8); with and without padding and gh_out / gates_out; the
+    blas path on the same case for comparison. test_packed_step_avx2_kernels runs this under AVX2."""
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
@@ -160,6 +165,28 @@ def test_packed_step_forward_matches_reference_kernels(name, batch, masked, save
                 assert (out[~valid] == 0).all()
     finally:
         torch.set_num_threads(before)
+
+
+def test_packed_isa_follows_aten_capability():
+    """The packed micro-kernel runs AVX-512 only where ATen's own kernels do."""
+    isa = native.packed_isa()
+    assert isa in ("avx2", "avx512")
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        assert isa == "avx2"
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
+                    reason="the AVX2 kernels are the ones tested in-process on this CPU")
+def test_packed_step_avx2_kernels():
+    """On an AVX-512 machine the packed path runs its AVX-512 variant; ATEN_CPU_CAPABILITY=avx2 selects
+    the AVX2 one, the variant an AVX2-only CPU runs: the packed-step tests again, in such a process."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    tests = [f"{__file__}::{name}" for name in ("test_packed_isa_follows_aten_capability",
+                                                "test_packed_step_forward_matches_reference_kernels")]
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], env=env,
+                            capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
 
 
 @pytest.mark.parametrize("name,proj", CHUNK_OPS)

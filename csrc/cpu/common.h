@@ -33,9 +33,20 @@ using at::Tensor;
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define FASTBPTT_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+// Kernels with their own AVX-512 variant (register blocking that differs from the AVX2 one), called
+// only when packed_isa() says so.
+#define FASTBPTT_AVX512 __attribute__((target("arch=x86-64-v4")))
 #else
 #define FASTBPTT_CLONES
 #endif
+
+// The vector ISA of the packed path's micro-kernel (csrc/cpu/packed_step.cpp), fixed per process:
+// avx512 where the build has that variant, the CPU has AVX-512 (F, BW, CD, DQ, VL) and ATen's own
+// CPU capability is AVX512, so ATEN_CPU_CAPABILITY=avx2 (or default) also caps these kernels; else
+// avx2 (the AVX2+FMA target_clones, or portable code on CPUs without AVX2).
+enum class VectorIsa { avx2, avx512 };
+VectorIsa packed_isa();
+std::string packed_isa_name();  // "avx512" | "avx2"
 
 // ----------------------------------------------------------------------------- helpers
 

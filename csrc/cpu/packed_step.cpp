@@ -16,60 +16,95 @@
 #include "cells/lstm.h"
 #include "common.h"
 
+#include <ATen/Version.h>
+
 #include <vector>
 
 namespace fastbptt {
 namespace cpu {
 namespace {
 
-typedef float v8f __attribute__((vector_size(32), aligned(4)));  // unaligned 8-float loads/stores
+typedef float v8f __attribute__((vector_size(32), aligned(4)));   // unaligned 8-float loads/stores
+typedef float v16f __attribute__((vector_size(64), aligned(4)));  // unaligned 16-float loads/stores
 
-FASTBPTT_INLINE v8f load8(const float* p) { return *reinterpret_cast<const v8f*>(p); }
-FASTBPTT_INLINE void store8(float* p, v8f v) { *reinterpret_cast<v8f*>(p) = v; }
+template <typename V>
+FASTBPTT_INLINE V loadv(const float* p) {
+  return *reinterpret_cast<const V*>(p);
+}
+template <typename V>
+FASTBPTT_INLINE void storev(float* p, V v) {
+  *reinterpret_cast<V*>(p) = v;
+}
 
 constexpr int64_t kPanel = 16;  // columns per panel
-constexpr int kRows = 6;        // rows per micro-kernel call: 12 accumulators
 
-// acc[r, 0:16] = sum_k h[r, k] wp[k, 0:16] for NR rows
-template <int NR>
+// Register blocking of the micro-kernel per vector ISA: V the vector type, NR rows x NP panels per
+// call. AVX2 (16 ymm registers): 6 rows x 1 panel = 12 ymm accumulators. AVX-512 (32 zmm): 8 rows
+// x 2 panels = 16 zmm accumulators, enough independent FMA chains to keep both FMA ports busy.
+struct Avx2Blocking {
+  using V = v8f;
+  static constexpr int NR = 6, NP = 1;
+};
+struct Avx512Blocking {
+  using V = v16f;
+  static constexpr int NR = 8, NP = 2;
+};
+
+// acc[r, 0:NP*16] = sum_k h[r, k] wp[p][k, 0:16] for NR rows and the NP panels from wp (panels
+// K*16 floats apart)
+template <typename V, int NR, int NP>
 FASTBPTT_INLINE void micro_kernel(const float* __restrict__ wp, const float* __restrict__ h, int64_t K,
                                   float* __restrict__ acc, int64_t ld) {
-  v8f c0[NR], c1[NR];
-  for (int r = 0; r < NR; ++r) {
-    c0[r] = v8f{};
-    c1[r] = v8f{};
-  }
+  constexpr int W = sizeof(V) / sizeof(float), NV = NP * kPanel / W;
+  V c[NR][NV];
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < NV; ++i) c[r][i] = V{};
   for (int64_t k = 0; k < K; ++k) {
-    const v8f w0 = load8(wp + k * kPanel);
-    const v8f w1 = load8(wp + k * kPanel + 8);
+    V w[NV];
+    for (int i = 0; i < NV; ++i) w[i] = loadv<V>(wp + (i * W / kPanel) * K * kPanel + k * kPanel + i * W % kPanel);
     for (int r = 0; r < NR; ++r) {
       const float x = h[r * K + k];
-      c0[r] += x * w0;
-      c1[r] += x * w1;
+      for (int i = 0; i < NV; ++i) c[r][i] += x * w[i];
     }
   }
-  for (int r = 0; r < NR; ++r) {
-    store8(acc + r * ld, c0[r]);
-    store8(acc + r * ld + 8, c1[r]);
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < NV; ++i) storev<V>(acc + r * ld + i * W, c[r][i]);
+}
+
+// The last B % NR rows of a panel group, N <= NR - 1 rows at a time.
+template <typename V, int N, int NP>
+FASTBPTT_INLINE void row_tail(int64_t rows, const float* wp, const float* h, int64_t K, float* acc, int64_t ld) {
+  if constexpr (N > 0) {
+    if (rows == N) {
+      micro_kernel<V, N, NP>(wp, h, K, acc, ld);
+    } else {
+      row_tail<V, N - 1, NP>(rows, wp, h, K, acc, ld);
+    }
   }
 }
 
-// acc[b, p*16:(p+1)*16] = h[b] . panel p, for all B rows and npan panels; ld = npan * 16
+// acc[b, p*16:(p+1)*16] = h[b] . panel p for all B rows and npan panels; ld = npan * 16.
+// NP panels at a time (the last npan % NP one by one), all row blocks per panel group, so the group
+// is read from L1 by every row block.
+template <class Blocking>
 FASTBPTT_INLINE void packed_mm(const float* __restrict__ pack, int64_t npan, const float* __restrict__ h,
                                int64_t B, int64_t K, float* __restrict__ acc, int64_t ld) {
-  for (int64_t p = 0; p < npan; ++p) {
+  using V = typename Blocking::V;
+  constexpr int NR = Blocking::NR, NP = Blocking::NP;
+  int64_t p = 0;
+  for (; p + NP <= npan; p += NP) {
     const float* wp = pack + p * K * kPanel;
     float* ap = acc + p * kPanel;
     int64_t b = 0;
-    for (; b + kRows <= B; b += kRows) micro_kernel<kRows>(wp, h + b * K, K, ap + b * ld, ld);
-    switch (B - b) {
-      case 5: micro_kernel<5>(wp, h + b * K, K, ap + b * ld, ld); break;
-      case 4: micro_kernel<4>(wp, h + b * K, K, ap + b * ld, ld); break;
-      case 3: micro_kernel<3>(wp, h + b * K, K, ap + b * ld, ld); break;
-      case 2: micro_kernel<2>(wp, h + b * K, K, ap + b * ld, ld); break;
-      case 1: micro_kernel<1>(wp, h + b * K, K, ap + b * ld, ld); break;
-      default: break;
-    }
+    for (; b + NR <= B; b += NR) micro_kernel<V, NR, NP>(wp, h + b * K, K, ap + b * ld, ld);
+    row_tail<V, NR - 1, NP>(B - b, wp, h + b * K, K, ap + b * ld, ld);
+  }
+  for (; p < npan; ++p) {
+    const float* wp = pack + p * K * kPanel;
+    float* ap = acc + p * kPanel;
+    int64_t b = 0;
+    for (; b + NR <= B; b += NR) micro_kernel<V, NR, 1>(wp, h + b * K, K, ap + b * ld, ld);
+    row_tail<V, NR - 1, 1>(B - b, wp, h + b * K, K, ap + b * ld, ld);
   }
 }
 
@@ -194,10 +229,11 @@ FASTBPTT_INLINE void keep_rows(const float* __restrict__ hp, float* __restrict__
 
 // LSTM, one step, one slice. gi: [B, 4H] this step's input pre-activations; hp/hn: [B, H]
 // previous/next h; c: [B, H] in place; out: [B, H]; gout: [B, 4H] or null
-FASTBPTT_CLONES void lstm_slice_step(const Slice& s, const float* gi, const float* hp, float* hn, float* c,
+template <class Blocking>
+FASTBPTT_INLINE void lstm_slice_step(const Slice& s, const float* gi, const float* hp, float* hn, float* c,
                                      float* out, float* gout, const bool* valid, int64_t B, int64_t H) {
   const int64_t ld = s.npan * kPanel, nu = s.nu, u0 = s.u0;
-  packed_mm(s.pack, s.npan, hp, B, H, s.acc, ld);
+  packed_mm<Blocking>(s.pack, s.npan, hp, B, H, s.acc, ld);
   for (int64_t b = 0; b < B; ++b) {
     const float* g = gi + b * 4 * H + u0;
     const float* a = s.acc + b * ld;
@@ -213,10 +249,11 @@ FASTBPTT_CLONES void lstm_slice_step(const Slice& s, const float* gi, const floa
 
 // GRU, one step, one slice. gi: [B, 3H]; bh: [3H] or null; hp/hn: [B, H]; out: [B, H];
 // ghout: [B, 3H] or null
-FASTBPTT_CLONES void gru_slice_step(const Slice& s, const float* gi, const float* bh, const float* hp, float* hn,
+template <class Blocking>
+FASTBPTT_INLINE void gru_slice_step(const Slice& s, const float* gi, const float* bh, const float* hp, float* hn,
                                     float* out, float* ghout, const bool* valid, int64_t B, int64_t H) {
   const int64_t ld = s.npan * kPanel, nu = s.nu, u0 = s.u0;
-  packed_mm(s.pack, s.npan, hp, B, H, s.acc, ld);
+  packed_mm<Blocking>(s.pack, s.npan, hp, B, H, s.acc, ld);
   for (int64_t b = 0; b < B; ++b) {
     float* a = s.acc + b * ld;
     if (bh != nullptr) add_bias(a, bh + u0, H, 3, nu);
@@ -230,12 +267,72 @@ FASTBPTT_CLONES void gru_slice_step(const Slice& s, const float* gi, const float
   }
 }
 
+// ----------------------------------------------------------------------------- per-ISA entry points
+//
+// The slice steps compiled once per vector ISA; packed_isa() (common.h) picks one per process.
+
+using LstmSliceStep = void (*)(const Slice&, const float*, const float*, float*, float*, float*, float*,
+                               const bool*, int64_t, int64_t);
+using GruSliceStep = void (*)(const Slice&, const float*, const float*, const float*, float*, float*, float*,
+                              const bool*, int64_t, int64_t);
+
+FASTBPTT_CLONES void lstm_slice_step_avx2(const Slice& s, const float* gi, const float* hp, float* hn, float* c,
+                                          float* out, float* gout, const bool* valid, int64_t B, int64_t H) {
+  lstm_slice_step<Avx2Blocking>(s, gi, hp, hn, c, out, gout, valid, B, H);
+}
+FASTBPTT_CLONES void gru_slice_step_avx2(const Slice& s, const float* gi, const float* bh, const float* hp,
+                                         float* hn, float* out, float* ghout, const bool* valid, int64_t B,
+                                         int64_t H) {
+  gru_slice_step<Avx2Blocking>(s, gi, bh, hp, hn, out, ghout, valid, B, H);
+}
+
+#ifdef FASTBPTT_AVX512
+FASTBPTT_AVX512 void lstm_slice_step_avx512(const Slice& s, const float* gi, const float* hp, float* hn, float* c,
+                                            float* out, float* gout, const bool* valid, int64_t B, int64_t H) {
+  lstm_slice_step<Avx512Blocking>(s, gi, hp, hn, c, out, gout, valid, B, H);
+}
+FASTBPTT_AVX512 void gru_slice_step_avx512(const Slice& s, const float* gi, const float* bh, const float* hp,
+                                           float* hn, float* out, float* ghout, const bool* valid, int64_t B,
+                                           int64_t H) {
+  gru_slice_step<Avx512Blocking>(s, gi, bh, hp, hn, out, ghout, valid, B, H);
+}
+#endif
+
+LstmSliceStep lstm_slice_step_for_isa() {
+#ifdef FASTBPTT_AVX512
+  if (packed_isa() == VectorIsa::avx512) return lstm_slice_step_avx512;
+#endif
+  return lstm_slice_step_avx2;
+}
+GruSliceStep gru_slice_step_for_isa() {
+#ifdef FASTBPTT_AVX512
+  if (packed_isa() == VectorIsa::avx512) return gru_slice_step_avx512;
+#endif
+  return gru_slice_step_avx2;
+}
+
 }  // namespace
+
+VectorIsa packed_isa() {
+  static const VectorIsa isa = [] {
+#ifdef FASTBPTT_AVX512
+    const bool cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                     __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+                     __builtin_cpu_supports("avx512vl");
+    if (cpu && at::get_cpu_capability() == "AVX512") return VectorIsa::avx512;
+#endif
+    return VectorIsa::avx2;
+  }();
+  return isa;
+}
+
+std::string packed_isa_name() { return packed_isa() == VectorIsa::avx512 ? "avx512" : "avx2"; }
 
 void lstm_forward_packed_f32(const Tensor& gates_in, const Tensor& w_hh, const bool* valid, Tensor& h,
                              const Tensor& c, const Tensor& out, const std::optional<Tensor>& gates_out) {
   const int64_t steps = gates_in.size(0), B = gates_in.size(1), H = c.size(1);
   Packed pk(w_hh.data_ptr<float>(), 4, H, H, B);
+  const LstmSliceStep step = lstm_slice_step_for_isa();
   Tensor h2 = at::empty_like(h);
   float* hp = h.data_ptr<float>();
   float* hn = h2.data_ptr<float>();
@@ -248,7 +345,7 @@ void lstm_forward_packed_f32(const Tensor& gates_in, const Tensor& w_hh, const b
     const float* gi = p_gi + t * B * 4 * H;
     float* ot = p_out + t * B * H;
     float* go = p_go != nullptr ? p_go + t * B * 4 * H : nullptr;
-    run_slices(pk.count(), [&](int64_t s) { lstm_slice_step(pk.slices[s], gi, hp, hn, p_c, ot, go, v, B, H); });
+    run_slices(pk.count(), [&](int64_t s) { step(pk.slices[s], gi, hp, hn, p_c, ot, go, v, B, H); });
     std::swap(hp, hn);
   }
   if (hp != h.data_ptr<float>()) h = h2;
@@ -258,6 +355,7 @@ void gru_forward_packed_f32(const Tensor& gi, const Tensor& w_hh, const std::opt
                             const bool* valid, Tensor& h, const Tensor& out, const std::optional<Tensor>& gh_out) {
   const int64_t steps = gi.size(0), B = gi.size(1), H = h.size(1);
   Packed pk(w_hh.data_ptr<float>(), 3, H, H, B);
+  const GruSliceStep step = gru_slice_step_for_isa();
   Tensor h2 = at::empty_like(h);
   float* hp = h.data_ptr<float>();
   float* hn = h2.data_ptr<float>();
@@ -270,7 +368,7 @@ void gru_forward_packed_f32(const Tensor& gi, const Tensor& w_hh, const std::opt
     const float* g = p_gi + t * B * 3 * H;
     float* ot = p_out + t * B * H;
     float* gh = p_gh != nullptr ? p_gh + t * B * 3 * H : nullptr;
-    run_slices(pk.count(), [&](int64_t s) { gru_slice_step(pk.slices[s], g, p_bh, hp, hn, ot, gh, v, B, H); });
+    run_slices(pk.count(), [&](int64_t s) { step(pk.slices[s], g, p_bh, hp, hn, ot, gh, v, B, H); });
     std::swap(hp, hn);
   }
   if (hp != h.data_ptr<float>()) h = h2;

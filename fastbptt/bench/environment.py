@@ -96,6 +96,10 @@ def environment(device: str) -> dict:
         **git_commit(),
         "backends": {name: (dispatch.availability(name) or "available") for name in dispatch.BACKENDS},
     }
+    if not dispatch.availability("cpu"):
+        from ..native import packed_isa
+
+        env["cpu_packed_isa"] = packed_isa()
     env.update(gpu_info())
     return env
 
@@ -118,6 +122,8 @@ def describe(env: dict) -> str:
     where_ = where(env)
     if _on_gpu(env):
         where_ += f" (driver {env.get('gpu_driver')}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')})"
+    elif env.get("cpu_packed_isa"):
+        where_ += f", packed kernels {env['cpu_packed_isa']}"
     commit = (env.get("commit") or "unknown")[:10] + ("+dirty" if env.get("dirty") else "")
     return (f"{where_}; torch {env.get('torch')}, Triton {env.get('triton')}, fastbptt {env.get('fastbptt')} "
             f"@ {commit}; {env.get('timestamp')}")
