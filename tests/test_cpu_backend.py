@@ -167,6 +167,24 @@ def test_packed_step_forward_matches_reference_kernels(name, batch, masked, save
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("name", ["gru_backward_chunk", "lstm_backward_chunk"])
+@pytest.mark.parametrize("batch", [4, 15, 33])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_packed_step_backward_matches_reference_kernels(name, batch, masked, threads):
+    """The packed backward (W_hh packed by columns, one parallel region per step): H = 37 splits into
+    slices that are not multiples of the 16-column panels; padded rows pass dh (and dc) through and get
+    zero gate gradients; the blas path on the same case for comparison."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for path in ("packed", "blas"):
+            _, args = chunk_op_args(name, torch.float32, masked=masked, batch=batch, hidden=37, path=path)
+            assert_op_matches_reference_kernel(name, args, TOLERANCES[torch.float32])
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_packed_isa_follows_aten_capability():
     """The packed micro-kernel runs AVX-512 only where ATen's own kernels do."""
     isa = native.packed_isa()
@@ -182,7 +200,8 @@ def test_packed_step_avx2_kernels():
     the AVX2 one, the variant an AVX2-only CPU runs: the packed-step tests again, in such a process."""
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
     tests = [f"{__file__}::{name}" for name in ("test_packed_isa_follows_aten_capability",
-                                                "test_packed_step_forward_matches_reference_kernels")]
+                                                "test_packed_step_forward_matches_reference_kernels",
+                                                "test_packed_step_backward_matches_reference_kernels")]
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], env=env,
                             capture_output=True, text=True, cwd=os.path.dirname(__file__))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
@@ -191,9 +210,11 @@ def test_packed_step_avx2_kernels():
 
 @pytest.mark.parametrize("name,proj", CHUNK_OPS)
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("path", ["blas", "small-batch"])
+@pytest.mark.parametrize("path", ["blas", "small-batch", "packed"])
 def test_opcheck_chunk_ops(name, proj, masked, path):
-    op, args = chunk_op_args(name, torch.float32 if path == "small-batch" else torch.float64, proj=proj,
+    if path == "packed" and (name.startswith("rnn") or proj):
+        pytest.skip("the packed path exists for GRU and LSTM without projection")
+    op, args = chunk_op_args(name, torch.float64 if path == "blas" else torch.float32, proj=proj,
                              masked=masked, path=path)
     torch.library.opcheck(op, args)
 
@@ -301,7 +322,9 @@ def test_kernel_input_errors(name, index, bad, message):
     ("gru_backward_chunk", torch.float64, False, "packed", r"the packed kernels take float32 and bfloat16, got Double"),
     ("rnn_forward_chunk", torch.float64, False, "small-batch", r"the small-batch kernels take float32 and bfloat16"),
     ("rnn_forward_chunk", torch.float32, False, "packed", r"the packed path exists for GRU and LSTM"),
+    ("rnn_backward_chunk", torch.float32, False, "packed", r"the packed path exists for GRU and LSTM"),
     ("lstm_forward_chunk", torch.float32, True, "packed", r"packed path exists for LSTM without projection"),
+    ("lstm_backward_chunk", torch.float32, True, "packed", r"packed path exists for LSTM without projection"),
 ])
 def test_kernel_path_errors(name, dtype, proj, path, message):
     """A path a kernel cannot run is an error naming it, never a silent switch to another."""

@@ -134,6 +134,12 @@ std::tuple<Tensor, Tensor, Tensor> gru_backward_impl(const Tensor& gi, const Ten
   const int64_t steps = gi.size(0), batch = gi.size(1), H = h_prev.size(2);
   Tensor d_gi = at::empty_like(gi), d_gh = at::empty_like(gh);
   Tensor dh = grad_h_n.clone();
+  if constexpr (std::is_same_v<T, float>) {
+    if (path == StepPath::packed) {
+      gru_backward_packed_f32(gi, gh, h_prev, w_hh, grad_out, valid, dh, d_gi, d_gh);
+      return {d_gi, d_gh, dh};
+    }
+  }
   const int64_t grain = row_grain(3 * H);
   for (int64_t t = steps - 1; t >= 0; --t) {
     const int64_t o3 = t * batch * 3 * H, o1 = t * batch * H;

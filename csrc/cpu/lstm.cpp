@@ -249,6 +249,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward_impl(const Tensor& gate
   }
   Tensor d_gates = at::empty_like(gates);
   Tensor dh = grad_h_n.clone(), dc = grad_c_n.clone();
+  if constexpr (std::is_same_v<T, float>) {
+    if (path == StepPath::packed) {  // never with a projection: the op checks
+      lstm_backward_packed_f32(gates, c_states, w_hh, grad_out, valid, dh, dc, d_gates);
+      return {d_gates, dh, dc, at::empty({0}, gates.options())};
+    }
+  }
   Tensor dh_all = proj ? at::empty({steps, batch, P}, gates.options()) : Tensor();
   Tensor dm = at::empty({batch, H}, gates.options());
   const int64_t grain = row_grain(4 * H);
@@ -310,6 +316,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward_chunk(const Tensor& gat
   const ChunkArgs a =
       check_lstm_backward_chunk(kCpuKernels, gates, c0, w_hh, w_hr, grad_out, grad_h_n, grad_c_n, valid);
   const StepPath p = step_path(path, a.dtype, a.op);
+  TORCH_CHECK(!(p == StepPath::packed && w_hr.has_value()), a.op,
+              ": the packed path exists for LSTM without projection, but w_hr was given");
   Float32Compute fc(a.dtype);
   Tensor d_gates, dh, dc, d_w_hr;
   fc.run([&](auto zero) {

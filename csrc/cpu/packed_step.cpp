@@ -120,15 +120,31 @@ void run_slices(int64_t n, const F& f) {
   });
 }
 
-// One slice of units [u0, u0 + nu) of a model with G gates of H units, W_hh: [G*H, K].
+// One slice of units [u0, u0 + nu) of a model with G gates of H units.
 struct Slice {
   int64_t u0, nu, npan;
   float* pack;  // npan panels of [K][16]
   float* acc;   // [B][npan * 16]
 };
 
-void pack_slice(const Slice& s, const float* w, int64_t G, int64_t H, int64_t K) {
-  const int64_t ncols = G * s.nu;
+// How W_hh: [G*H, K] is packed. by_gate_rows (forward, K = H): a slice's columns are the W_hh rows
+// of all G gates of its units, for h W_hh^T. by_units (backward, K = G*H): its columns are the W_hh
+// columns of its units, for dG W_hh.
+enum class PackLayout { by_gate_rows, by_units };
+
+void pack_slice(const Slice& s, const float* w, PackLayout layout, int64_t G, int64_t H, int64_t K) {
+  if (layout == PackLayout::by_units) {  // pack[p][k][q] = W_hh[k, u0 + 16p + q]
+    for (int64_t p = 0; p < s.npan; ++p) {
+      float* dst = s.pack + p * K * kPanel;
+      const int64_t q1 = std::min<int64_t>(kPanel, s.nu - p * kPanel);
+      for (int64_t k = 0; k < K; ++k) {
+        const float* row = w + k * H + s.u0 + p * kPanel;
+        for (int64_t q = 0; q < kPanel; ++q) dst[k * kPanel + q] = q < q1 ? row[q] : 0.0f;
+      }
+    }
+    return;
+  }
+  const int64_t ncols = G * s.nu;  // column g * nu + j: W_hh row g * H + u0 + j
   for (int64_t p = 0; p < s.npan; ++p) {
     float* dst = s.pack + p * K * kPanel;
     for (int64_t q = 0; q < kPanel; ++q) {
@@ -148,13 +164,15 @@ void pack_slice(const Slice& s, const float* w, int64_t G, int64_t H, int64_t K)
 struct Packed {
   Tensor storage;
   std::vector<Slice> slices;
-  Packed(const float* w, int64_t G, int64_t H, int64_t K, int64_t B) {
+  Packed(const float* w, PackLayout layout, int64_t G, int64_t H, int64_t B) {
+    const int64_t K = layout == PackLayout::by_units ? G * H : H;
     const int64_t n = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), H));
     int64_t total = 0;
     std::vector<int64_t> offs;
     for (int64_t s = 0; s < n; ++s) {
       const int64_t u0 = H * s / n, u1 = H * (s + 1) / n;
-      const int64_t npan = (G * (u1 - u0) + kPanel - 1) / kPanel;
+      const int64_t cols = layout == PackLayout::by_units ? u1 - u0 : G * (u1 - u0);
+      const int64_t npan = (cols + kPanel - 1) / kPanel;
       slices.push_back({u0, u1 - u0, npan, nullptr, nullptr});
       offs.push_back(total);
       total += npan * kPanel * K + B * npan * kPanel + 64;  // pack + acc, 256-byte gap
@@ -165,7 +183,7 @@ struct Packed {
       slices[s].pack = base + offs[s];
       slices[s].acc = slices[s].pack + slices[s].npan * kPanel * K;
     }
-    run_slices(n, [&](int64_t s) { pack_slice(slices[s], w, G, H, K); });
+    run_slices(n, [&](int64_t s) { pack_slice(slices[s], w, layout, G, H, K); });
   }
   int64_t count() const { return static_cast<int64_t>(slices.size()); }
 };
@@ -267,48 +285,164 @@ FASTBPTT_INLINE void gru_slice_step(const Slice& s, const float* gi, const float
   }
 }
 
+// ----------------------------------------------------------------------------- backward slice steps
+//
+// One region per step t, walking back: a slice first adds the recurrent term of its units,
+// dh[:, slice] += dG_{t+1} W_hh[:, slice] (dG_{t+1}: the whole row of the later step's gradients,
+// finished in the previous region; null at the chunk's last step), then writes the gate gradients
+// of its units at step t and leaves in dh the part of dL/dh_{t-1} that does not go through W_hh
+// (LSTM: zero; GRU: z * dL/dh_t; padded rows: dh unchanged, zero gate gradients). A last region
+// with t = -1 adds dG_0 W_hh: dh is then the gradient of h0.
+
+// dh[b, u0:u0+nu] += (dg_next[b] W_hh)[u0:u0+nu] for all B rows; dg_next: [B, K]
+template <class Blocking>
+FASTBPTT_INLINE void add_recurrent_grad(const Slice& s, const float* dg_next, int64_t K, float* dh, int64_t B,
+                                        int64_t H) {
+  const int64_t ld = s.npan * kPanel;
+  packed_mm<Blocking>(s.pack, s.npan, dg_next, B, K, s.acc, ld);
+  for (int64_t b = 0; b < B; ++b) {
+    float* __restrict__ d = dh + b * H + s.u0;
+    const float* __restrict__ a = s.acc + b * ld;
+    for (int64_t j = 0; j < s.nu; ++j) d[j] += a[j];
+  }
+}
+
+FASTBPTT_INLINE void zero_gates(float* __restrict__ dg, int64_t H, int64_t G, int64_t nu) {
+  for (int64_t q = 0; q < G; ++q)
+    for (int64_t j = 0; j < nu; ++j) dg[q * H + j] = 0.0f;
+}
+
+// Gate gradients of one row over a slice's nu units (gates H apart), written as functions with restrict
+// parameters so that GCC vectorizes them. dh enters as dL/dh_t less grad_out and leaves as the part of
+// dL/dh_{t-1} that does not go through W_hh.
+FASTBPTT_INLINE void lstm_back_units(const float* __restrict__ g, const float* __restrict__ cp,
+                                     const float* __restrict__ cn, const float* __restrict__ go,
+                                     float* __restrict__ dh, float* __restrict__ dc, float* __restrict__ dg,
+                                     int64_t H, int64_t nu) {
+  for (int64_t j = 0; j < nu; ++j) {
+    const auto q = lstm::gates(g[j], g[H + j], g[2 * H + j], g[3 * H + j]);
+    const auto d = lstm::grads(q, cp[j], cn[j], dh[j] + go[j], dc[j]);
+    dg[j] = d.i;
+    dg[H + j] = d.f;
+    dg[2 * H + j] = d.g;
+    dg[3 * H + j] = d.o;
+    dc[j] = d.c;
+    dh[j] = 0.0f;
+  }
+}
+
+FASTBPTT_INLINE void gru_back_units(const float* __restrict__ gi, const float* __restrict__ gh,
+                                    const float* __restrict__ hp, const float* __restrict__ go,
+                                    float* __restrict__ dh, float* __restrict__ dgi, float* __restrict__ dgh,
+                                    int64_t H, int64_t nu) {
+  for (int64_t j = 0; j < nu; ++j) {
+    const auto a = gru::gates(gi[j], gi[H + j], gi[2 * H + j], gh[j], gh[H + j], gh[2 * H + j]);
+    const auto d = gru::grads(a, gh[2 * H + j], hp[j], dh[j] + go[j]);
+    dgi[j] = d.r;
+    dgi[H + j] = d.z;
+    dgi[2 * H + j] = d.n;
+    dgh[j] = d.r;
+    dgh[H + j] = d.z;
+    dgh[2 * H + j] = d.gh_n;
+    dh[j] = d.h;
+  }
+}
+
+// LSTM (no projection), step t of a slice. dg_next: [B, 4H] or null; g, dg: [B, 4H] this step's
+// pre-activations and their gradients (null at t = -1); cp, cn: [B, H] cell states before and after;
+// go: [B, H] grad_out; dh, dc: [B, H] carried.
+template <class Blocking>
+FASTBPTT_INLINE void lstm_slice_back_step(const Slice& s, const float* dg_next, const float* g, const float* cp,
+                                          const float* cn, const float* go, float* dh, float* dc, float* dg,
+                                          const bool* valid, int64_t B, int64_t H) {
+  if (dg_next != nullptr) add_recurrent_grad<Blocking>(s, dg_next, 4 * H, dh, B, H);
+  if (g == nullptr) return;
+  const int64_t nu = s.nu, u0 = s.u0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t o4 = b * 4 * H + u0, o = b * H + u0;
+    if (valid != nullptr && !valid[b]) {
+      zero_gates(dg + o4, H, 4, nu);
+      continue;
+    }
+    lstm_back_units(g + o4, cp + o, cn + o, go + o, dh + o, dc + o, dg + o4, H, nu);
+  }
+}
+
+// GRU, step t of a slice. dgh_next: [B, 3H] or null; gi, gh, dgi, dgh: [B, 3H] (null at t = -1);
+// hp, go: [B, H] previous state and grad_out; dh: [B, H] carried.
+template <class Blocking>
+FASTBPTT_INLINE void gru_slice_back_step(const Slice& s, const float* dgh_next, const float* gi, const float* gh,
+                                         const float* hp, const float* go, float* dh, float* dgi, float* dgh,
+                                         const bool* valid, int64_t B, int64_t H) {
+  if (dgh_next != nullptr) add_recurrent_grad<Blocking>(s, dgh_next, 3 * H, dh, B, H);
+  if (gi == nullptr) return;
+  const int64_t nu = s.nu, u0 = s.u0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t o3 = b * 3 * H + u0, o = b * H + u0;
+    if (valid != nullptr && !valid[b]) {
+      zero_gates(dgi + o3, H, 3, nu);
+      zero_gates(dgh + o3, H, 3, nu);
+      continue;
+    }
+    gru_back_units(gi + o3, gh + o3, hp + o, go + o, dh + o, dgi + o3, dgh + o3, H, nu);
+  }
+}
+
 // ----------------------------------------------------------------------------- per-ISA entry points
 //
-// The slice steps compiled once per vector ISA; packed_isa() (common.h) picks one per process.
+// The slice steps compiled once per vector ISA; slice_kernels() picks one set per process
+// (packed_isa(), common.h).
 
-using LstmSliceStep = void (*)(const Slice&, const float*, const float*, float*, float*, float*, float*,
-                               const bool*, int64_t, int64_t);
-using GruSliceStep = void (*)(const Slice&, const float*, const float*, const float*, float*, float*, float*,
-                              const bool*, int64_t, int64_t);
+struct SliceKernels {
+  void (*lstm_step)(const Slice&, const float*, const float*, float*, float*, float*, float*, const bool*, int64_t,
+                    int64_t);
+  void (*gru_step)(const Slice&, const float*, const float*, const float*, float*, float*, float*, const bool*,
+                   int64_t, int64_t);
+  void (*lstm_back_step)(const Slice&, const float*, const float*, const float*, const float*, const float*, float*,
+                         float*, float*, const bool*, int64_t, int64_t);
+  void (*gru_back_step)(const Slice&, const float*, const float*, const float*, const float*, const float*, float*,
+                        float*, float*, const bool*, int64_t, int64_t);
+};
 
-FASTBPTT_CLONES void lstm_slice_step_avx2(const Slice& s, const float* gi, const float* hp, float* hn, float* c,
-                                          float* out, float* gout, const bool* valid, int64_t B, int64_t H) {
-  lstm_slice_step<Avx2Blocking>(s, gi, hp, hn, c, out, gout, valid, B, H);
-}
-FASTBPTT_CLONES void gru_slice_step_avx2(const Slice& s, const float* gi, const float* bh, const float* hp,
-                                         float* hn, float* out, float* ghout, const bool* valid, int64_t B,
-                                         int64_t H) {
-  gru_slice_step<Avx2Blocking>(s, gi, bh, hp, hn, out, ghout, valid, B, H);
-}
+// The four entry points of one ISA: ATTR its target attribute, BLOCKING its register blocking.
+#define FASTBPTT_SLICE_KERNELS(NAME, ATTR, BLOCKING)                                                          \
+  ATTR void NAME##_lstm_step(const Slice& s, const float* gi, const float* hp, float* hn, float* c, float* out, \
+                             float* gout, const bool* valid, int64_t B, int64_t H) {                            \
+    lstm_slice_step<BLOCKING>(s, gi, hp, hn, c, out, gout, valid, B, H);                                       \
+  }                                                                                                             \
+  ATTR void NAME##_gru_step(const Slice& s, const float* gi, const float* bh, const float* hp, float* hn,        \
+                            float* out, float* ghout, const bool* valid, int64_t B, int64_t H) {               \
+    gru_slice_step<BLOCKING>(s, gi, bh, hp, hn, out, ghout, valid, B, H);                                      \
+  }                                                                                                             \
+  ATTR void NAME##_lstm_back_step(const Slice& s, const float* dg_next, const float* g, const float* cp,        \
+                                  const float* cn, const float* go, float* dh, float* dc, float* dg,            \
+                                  const bool* valid, int64_t B, int64_t H) {                                    \
+    lstm_slice_back_step<BLOCKING>(s, dg_next, g, cp, cn, go, dh, dc, dg, valid, B, H);                        \
+  }                                                                                                             \
+  ATTR void NAME##_gru_back_step(const Slice& s, const float* dgh_next, const float* gi, const float* gh,       \
+                                 const float* hp, const float* go, float* dh, float* dgi, float* dgh,           \
+                                 const bool* valid, int64_t B, int64_t H) {                                     \
+    gru_slice_back_step<BLOCKING>(s, dgh_next, gi, gh, hp, go, dh, dgi, dgh, valid, B, H);                     \
+  }                                                                                                             \
+  const SliceKernels NAME##_kernels{NAME##_lstm_step, NAME##_gru_step, NAME##_lstm_back_step, NAME##_gru_back_step};
 
+FASTBPTT_SLICE_KERNELS(avx2, FASTBPTT_CLONES, Avx2Blocking)
 #ifdef FASTBPTT_AVX512
-FASTBPTT_AVX512 void lstm_slice_step_avx512(const Slice& s, const float* gi, const float* hp, float* hn, float* c,
-                                            float* out, float* gout, const bool* valid, int64_t B, int64_t H) {
-  lstm_slice_step<Avx512Blocking>(s, gi, hp, hn, c, out, gout, valid, B, H);
-}
-FASTBPTT_AVX512 void gru_slice_step_avx512(const Slice& s, const float* gi, const float* bh, const float* hp,
-                                           float* hn, float* out, float* ghout, const bool* valid, int64_t B,
-                                           int64_t H) {
-  gru_slice_step<Avx512Blocking>(s, gi, bh, hp, hn, out, ghout, valid, B, H);
-}
+FASTBPTT_SLICE_KERNELS(avx512, FASTBPTT_AVX512, Avx512Blocking)
 #endif
+#undef FASTBPTT_SLICE_KERNELS
 
-LstmSliceStep lstm_slice_step_for_isa() {
+const SliceKernels& slice_kernels() {
 #ifdef FASTBPTT_AVX512
-  if (packed_isa() == VectorIsa::avx512) return lstm_slice_step_avx512;
+  if (packed_isa() == VectorIsa::avx512) return avx512_kernels;
 #endif
-  return lstm_slice_step_avx2;
+  return avx2_kernels;
 }
-GruSliceStep gru_slice_step_for_isa() {
-#ifdef FASTBPTT_AVX512
-  if (packed_isa() == VectorIsa::avx512) return gru_slice_step_avx512;
-#endif
-  return gru_slice_step_avx2;
+
+// Step t's block of a [steps, n] buffer, null for t = -1.
+template <typename P>
+P* at_step(P* p, int64_t t, int64_t n) {
+  return t >= 0 ? p + t * n : nullptr;
 }
 
 }  // namespace
@@ -331,8 +465,8 @@ std::string packed_isa_name() { return packed_isa() == VectorIsa::avx512 ? "avx5
 void lstm_forward_packed_f32(const Tensor& gates_in, const Tensor& w_hh, const bool* valid, Tensor& h,
                              const Tensor& c, const Tensor& out, const std::optional<Tensor>& gates_out) {
   const int64_t steps = gates_in.size(0), B = gates_in.size(1), H = c.size(1);
-  Packed pk(w_hh.data_ptr<float>(), 4, H, H, B);
-  const LstmSliceStep step = lstm_slice_step_for_isa();
+  Packed pk(w_hh.data_ptr<float>(), PackLayout::by_gate_rows, 4, H, B);
+  const auto step = slice_kernels().lstm_step;
   Tensor h2 = at::empty_like(h);
   float* hp = h.data_ptr<float>();
   float* hn = h2.data_ptr<float>();
@@ -354,8 +488,8 @@ void lstm_forward_packed_f32(const Tensor& gates_in, const Tensor& w_hh, const b
 void gru_forward_packed_f32(const Tensor& gi, const Tensor& w_hh, const std::optional<Tensor>& b_hh,
                             const bool* valid, Tensor& h, const Tensor& out, const std::optional<Tensor>& gh_out) {
   const int64_t steps = gi.size(0), B = gi.size(1), H = h.size(1);
-  Packed pk(w_hh.data_ptr<float>(), 3, H, H, B);
-  const GruSliceStep step = gru_slice_step_for_isa();
+  Packed pk(w_hh.data_ptr<float>(), PackLayout::by_gate_rows, 3, H, B);
+  const auto step = slice_kernels().gru_step;
   Tensor h2 = at::empty_like(h);
   float* hp = h.data_ptr<float>();
   float* hn = h2.data_ptr<float>();
@@ -372,6 +506,53 @@ void gru_forward_packed_f32(const Tensor& gi, const Tensor& w_hh, const std::opt
     std::swap(hp, hn);
   }
   if (hp != h.data_ptr<float>()) h = h2;
+}
+
+void lstm_backward_packed_f32(const Tensor& gates, const Tensor& c_states, const Tensor& w_hh,
+                              const Tensor& grad_out, const bool* valid, const Tensor& dh, const Tensor& dc,
+                              const Tensor& d_gates) {
+  const int64_t steps = gates.size(0), B = gates.size(1), H = dc.size(1);
+  Packed pk(w_hh.data_ptr<float>(), PackLayout::by_units, 4, H, B);
+  const auto step = slice_kernels().lstm_back_step;
+  const float* p_g = gates.data_ptr<float>();
+  const float* p_c = c_states.data_ptr<float>();
+  const float* p_go = grad_out.data_ptr<float>();
+  float* p_dh = dh.data_ptr<float>();
+  float* p_dc = dc.data_ptr<float>();
+  float* p_dg = d_gates.data_ptr<float>();
+  const int64_t g4 = B * 4 * H, g1 = B * H;
+  for (int64_t t = steps - 1; t >= -1; --t) {  // t = -1: only dG_0 W_hh, for the gradient of h0
+    const float* next = t + 1 < steps ? p_dg + (t + 1) * g4 : nullptr;
+    const bool* v = t >= 0 ? valid_row(valid, t, B) : nullptr;
+    run_slices(pk.count(), [&](int64_t s) {
+      step(pk.slices[s], next, at_step(p_g, t, g4), at_step(p_c, t, g1), at_step(p_c, t + 1, g1),
+           at_step(p_go, t, g1), p_dh, p_dc, at_step(p_dg, t, g4), v, B, H);
+    });
+  }
+}
+
+void gru_backward_packed_f32(const Tensor& gi, const Tensor& gh, const Tensor& h_prev, const Tensor& w_hh,
+                             const Tensor& grad_out, const bool* valid, const Tensor& dh, const Tensor& d_gi,
+                             const Tensor& d_gh) {
+  const int64_t steps = gi.size(0), B = gi.size(1), H = dh.size(1);
+  Packed pk(w_hh.data_ptr<float>(), PackLayout::by_units, 3, H, B);
+  const auto step = slice_kernels().gru_back_step;
+  const float* p_gi = gi.data_ptr<float>();
+  const float* p_gh = gh.data_ptr<float>();
+  const float* p_hp = h_prev.data_ptr<float>();
+  const float* p_go = grad_out.data_ptr<float>();
+  float* p_dh = dh.data_ptr<float>();
+  float* p_dgi = d_gi.data_ptr<float>();
+  float* p_dgh = d_gh.data_ptr<float>();
+  const int64_t g3 = B * 3 * H, g1 = B * H;
+  for (int64_t t = steps - 1; t >= -1; --t) {  // t = -1: only dG_0 W_hh, for the gradient of h0
+    const float* next = t + 1 < steps ? p_dgh + (t + 1) * g3 : nullptr;
+    const bool* v = t >= 0 ? valid_row(valid, t, B) : nullptr;
+    run_slices(pk.count(), [&](int64_t s) {
+      step(pk.slices[s], next, at_step(p_gi, t, g3), at_step(p_gh, t, g3), at_step(p_hp, t, g1),
+           at_step(p_go, t, g1), p_dh, at_step(p_dgi, t, g3), at_step(p_dgh, t, g3), v, B, H);
+    });
+  }
 }
 
 }  // namespace cpu
