@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import cells, dispatch
-from .ops import DEFAULT_CHUNK_SIZE, check_chunk_size, recurrent_layer
+from .ops import AUTO_KEEP_GATES_BYTES, DEFAULT_CHUNK_SIZE, check_chunk_size, check_recompute, recurrent_layer
 from .ops.cell import run_cell_step
 
 
@@ -69,20 +69,18 @@ class _Named:
 class _FusedRNNMixin(_Named):
     """Shared forward for the three module types. ``self`` is a ``torch.nn.RNNBase``."""
 
-    def _init_fastbptt(self, chunk_size: int, backend: str, recompute: bool) -> None:
+    def _init_fastbptt(self, chunk_size: int, backend: str, recompute: bool | str) -> None:
         self.chunk_size = check_chunk_size(chunk_size)
         dispatch.check_backend_name(backend)
-        if not isinstance(recompute, bool):
-            raise TypeError(f"recompute should be of type bool, got: {type(recompute).__name__}")
         self.backend = backend
-        self.recompute = recompute
+        self.recompute = check_recompute(recompute)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
         if self.chunk_size != DEFAULT_CHUNK_SIZE:
             s += f", chunk_size={self.chunk_size}"
-        if not self.recompute:
-            s += ", recompute=False"
+        if self.recompute != "auto":
+            s += f", recompute={self.recompute!r}"
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
         return s
@@ -217,7 +215,9 @@ class _FusedRNNMixin(_Named):
 
 _EXTRA_DOC = ("Takes every argument of ``torch.nn.{name}`` plus the keyword-only ``chunk_size`` (steps recomputed "
               "together in the backward), ``recompute`` (True: keep only the outputs and chunk-boundary states; "
-              "False: also keep the gate pre-activations, faster backward, more memory) and ``backend`` ("
+              "False: also keep the gate pre-activations, faster backward, more memory; 'auto', the default: keep "
+              f"them while they take at most {AUTO_KEEP_GATES_BYTES >> 20} MiB per layer and direction) and "
+              "``backend`` ("
               + ", ".join(dispatch.CHOICES) + ").")
 
 
@@ -229,8 +229,8 @@ _EXTRA_DOC = ("Takes every argument of ``torch.nn.{name}`` plus the keyword-only
 class RNN(_FusedRNNMixin, nn.RNN):
     __doc__ = "Drop-in ``torch.nn.RNN`` running on fastbptt's fused kernels.\n\n" + _EXTRA_DOC.format(name="RNN")
 
-    def __init__(self, *args, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str = "auto", recompute: bool = True,
-                 **kwargs):
+    def __init__(self, *args, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str = "auto",
+                 recompute: bool | str = "auto", **kwargs):
         nn.RNN.__init__(self, *args, **kwargs)  # torch's own argument checks (nonlinearity, proj_size)
         self._init_fastbptt(chunk_size, backend, recompute)
 
@@ -238,8 +238,8 @@ class RNN(_FusedRNNMixin, nn.RNN):
 class GRU(_FusedRNNMixin, nn.GRU):
     __doc__ = "Drop-in ``torch.nn.GRU`` running on fastbptt's fused kernels.\n\n" + _EXTRA_DOC.format(name="GRU")
 
-    def __init__(self, *args, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str = "auto", recompute: bool = True,
-                 **kwargs):
+    def __init__(self, *args, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str = "auto",
+                 recompute: bool | str = "auto", **kwargs):
         nn.GRU.__init__(self, *args, **kwargs)
         self._init_fastbptt(chunk_size, backend, recompute)
 
@@ -247,8 +247,8 @@ class GRU(_FusedRNNMixin, nn.GRU):
 class LSTM(_FusedRNNMixin, nn.LSTM):
     __doc__ = "Drop-in ``torch.nn.LSTM`` running on fastbptt's fused kernels.\n\n" + _EXTRA_DOC.format(name="LSTM")
 
-    def __init__(self, *args, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str = "auto", recompute: bool = True,
-                 **kwargs):
+    def __init__(self, *args, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str = "auto",
+                 recompute: bool | str = "auto", **kwargs):
         nn.LSTM.__init__(self, *args, **kwargs)
         self._init_fastbptt(chunk_size, backend, recompute)
 
@@ -403,7 +403,7 @@ def cell_kwargs(cell: str) -> dict:
 
 
 def convert(model: nn.Module, *, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: str = "auto",
-            recompute: bool = True) -> nn.Module:
+            recompute: bool | str = "auto") -> nn.Module:
     """Replaces every ``torch.nn`` RNN/GRU/LSTM and RNNCell/GRUCell/LSTMCell inside ``model`` by its
     fastbptt twin, in place (``chunk_size`` and ``recompute`` apply to the layers only).
 
@@ -412,6 +412,7 @@ def convert(model: nn.Module, *, chunk_size: int = DEFAULT_CHUNK_SIZE, backend: 
     """
     check_chunk_size(chunk_size)
     dispatch.check_backend_name(backend)
+    check_recompute(recompute)
     for module in model.modules():
         fused_cls = _FUSED_OF.get(type(module))
         if fused_cls is None:

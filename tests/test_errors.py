@@ -102,9 +102,10 @@ def test_unknown_backend():
         fastbptt.GRU(4, 6, backend="cudnn")
 
 
-def test_bad_recompute():
-    with pytest.raises(TypeError, match="recompute should be of type bool"):
-        fastbptt.LSTM(4, 6, recompute="yes")
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_bad_recompute(bad):
+    with pytest.raises(ValueError, match=re.escape(f"recompute must be True, False or 'auto', got {bad!r}")):
+        fastbptt.LSTM(4, 6, recompute=bad)
 
 
 def test_unavailable_backend_says_why(monkeypatch):

@@ -343,3 +343,15 @@ def test_predict_rejects_non_finite_weights(tiny_run, tmp_path, capsys):
     assert status == 2 and out == ""
     assert err.startswith(f"fastbptt: error: --checkpoint: {str(broken)!r} holds non-finite weights "
                           f"(NaN/Inf in {name}): ")
+
+
+@pytest.mark.parametrize("argv,policy", [([], "auto"), (["--recompute", "on"], True), (["--recompute", "off"], False),
+                                         (["--no-recompute"], False)])
+def test_recompute_option_reaches_the_model(argv, policy):
+    from fastbptt.cli import command_parser
+    from fastbptt.lm.cli import _lm_config
+
+    parser, _ = command_parser("train")
+    cfg = _lm_config(parser.parse_args(argv), 10)
+    assert cfg.recompute == policy
+    assert CharLM(cfg).rnn.recompute == policy

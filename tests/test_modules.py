@@ -71,10 +71,33 @@ def test_state_dict_both_ways(pair):
     torch.testing.assert_close(fast(x)[0], ref2(x)[0])
 
 
+@pytest.mark.parametrize("cls", [fastbptt.GRU, fastbptt.LSTM], ids=lambda c: c.__name__)
+def test_auto_memory_policy_keeps_gates_up_to_its_limit(cls, monkeypatch):
+    """recompute='auto', the default, keeps the gate pre-activations of a layer call while they take at
+    most AUTO_KEEP_GATES_BYTES, and recomputes them above it."""
+    from fastbptt.bench.memory import saved_activation_bytes
+
+    steps, batch, inp, hidden = 16, 4, 3, 8
+    x = torch.randn(steps, batch, inp, requires_grad=True)
+
+    def kept(recompute):
+        model = cls(inp, hidden, backend="reference", recompute=recompute)
+        return saved_activation_bytes(lambda: model(x), exclude=[x, *model.parameters()])
+
+    assert cls(inp, hidden).recompute == "auto"
+    gate_bytes = steps * batch * fastbptt.cells.SPECS[cls.__name__.lower()].saved_width(hidden) * 4
+    assert kept(False) >= kept(True) + gate_bytes
+    monkeypatch.setattr(fastbptt.ops, "AUTO_KEEP_GATES_BYTES", gate_bytes)
+    assert kept("auto") == kept(False)
+    monkeypatch.setattr(fastbptt.ops, "AUTO_KEEP_GATES_BYTES", gate_bytes - 1)
+    assert kept("auto") == kept(True)
+
+
 def test_extra_keywords_and_repr():
     m = fastbptt.GRU(4, 8, chunk_size=16, recompute=False, backend="reference")
     assert (m.chunk_size, m.recompute, m.backend) == (16, False, "reference")
     assert repr(m) == "fastbptt.GRU(4, 8, chunk_size=16, recompute=False, backend='reference')"
+    assert repr(fastbptt.GRU(4, 8, recompute=True)) == "fastbptt.GRU(4, 8, recompute=True)"
     with pytest.raises(TypeError):
         fastbptt.GRU(4, 8, 1, True, False, 0.0, False, None, None, 16)  # chunk_size is keyword-only
 

@@ -21,7 +21,7 @@ def test_sweep_writes_csv_table_and_plot(tmp_path, capsys):
     assert main(["sweep", "--text", str(tiny_corpus_path()), "--num-steps", "4", "8", "--budget-seconds", "0.5",
                  "--hidden-size", "8", "--embedding-dim", "4", "--batch-size", "4", "--eval-batch-size", "2",
                  "--eval-num-steps", "16", "--val-fraction", "0.1", "--device", "cpu", "--threads", "1",
-                 "--baseline", "torch", "--out", str(tmp_path)]) == 0
+                 "--baseline", "torch", "--recompute", "on", "--out", str(tmp_path)]) == 0
     assert "sweep.md" in capsys.readouterr().out
     with open(tmp_path / "sweep.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -29,7 +29,7 @@ def test_sweep_writes_csv_table_and_plot(tmp_path, capsys):
                                                            ("8", "fastbptt"), ("8", "torch")]
 
     setup, machine, table = (tmp_path / "sweep.md").read_text().split("\n\n")
-    assert setup.startswith("Setup: GRU 1x8") and "0.5 s of training per setting" in setup
+    assert setup.startswith("Setup: GRU 1x8") and ", recompute on;" in setup and "0.5 s of training per setting" in setup
     assert machine.startswith("Machine: ") and f"({cpu_capability()})" in machine
     head, rule, *body = table.strip().splitlines()
     assert head == ("| num_steps | implementation | updates | tokens | tokens/s | validation ppl "

@@ -33,6 +33,7 @@ from .model import (CELLS, CURVE_LABEL, CharLM, LMConfig, check_architecture, mo
                     sequence_cross_entropy)
 
 DEFAULT_OUT = os.path.join("runs", "lm")
+RECOMPUTE = {"auto": "auto", "on": True, "off": False}  # --recompute -> the modules' recompute
 
 
 # ----------------------------------------------------------------------------- argument types
@@ -79,8 +80,11 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="fastbptt kernels (default auto: the fastest that runs here)")
     g.add_argument("--chunk-size", type=_positive_int, default=32,
                    help="time steps recomputed together in the backward (default 32)")
-    g.add_argument("--no-recompute", dest="recompute", action="store_false",
-                   help="keep gate activations instead of recomputing them (more memory, faster backward)")
+    g.add_argument("--recompute", choices=("auto", "on", "off"), default="auto",
+                   help="memory policy: on = recompute the gate pre-activations in the backward, off = keep them "
+                        "(more memory, faster backward), auto = keep them while small (default; see fastbptt.GRU)")
+    g.add_argument("--no-recompute", dest="recompute", action="store_const", const="off",
+                   help="same as --recompute off")
     g.add_argument("--baseline", choices=("torch",),
                    help="run the same training with torch.nn modules (for a speed comparison)")
 
@@ -212,7 +216,7 @@ def _lm_config(args, vocab_size: int) -> LMConfig:
     return LMConfig(vocab_size=vocab_size, cell=args.cell, hidden_size=args.hidden_size, num_layers=args.num_layers,
                     embedding_dim=args.embedding_dim, dropout=args.dropout,
                     impl="torch" if args.baseline == "torch" else "fastbptt", backend=args.backend,
-                    chunk_size=args.chunk_size, recompute=args.recompute).validate()
+                    chunk_size=args.chunk_size, recompute=RECOMPUTE[args.recompute]).validate()
 
 
 def _train_config(args, **overrides) -> TrainConfig:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 import fastbptt
 from fastbptt import dispatch
+from fastbptt.ops import check_recompute
 
 CELLS = ("rnn", "gru", "lstm")
 IMPLS = ("fastbptt", "torch")
@@ -44,7 +45,7 @@ class LMConfig:
     impl: str = "fastbptt"        # "torch": torch.nn modules (the speed baseline)
     backend: str = "auto"
     chunk_size: int = 32
-    recompute: bool = True
+    recompute: bool | str = "auto"  # the fastbptt layers' memory policy
 
     def validate(self) -> "LMConfig":
         def positive(name, minimum=1):
@@ -62,6 +63,7 @@ class LMConfig:
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {self.impl!r}")
         dispatch.check_backend_name(self.backend)
+        check_recompute(self.recompute)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
         return self

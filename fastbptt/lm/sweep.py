@@ -82,7 +82,8 @@ def _sweep(args) -> int:
             log(f"    {row['updates']} updates, {row['tokens_per_s']:,} tokens/s, validation perplexity "
                 f"{row['val_ppl']:.3f}, saved activations {row['saved_mib']:.2f} MiB per window")
             rows.append(row)
-    setup = (f"{_describe(dataclasses.replace(_lm_config(args, len(vocab)), impl='fastbptt'), device)}; batch "
+    setup = (f"{_describe(dataclasses.replace(_lm_config(args, len(vocab)), impl='fastbptt'), device)}, "
+             f"recompute {args.recompute}; batch "
              f"{args.batch_size}; lr {args.lr:g} (schedule {args.schedule}); {args.budget_seconds:g} s of training "
              f"per setting; {len(train_ids):,} training characters")
     _write_sweep(rows, out, setup, describe(environment(device.type)))

@@ -18,6 +18,13 @@ from .recurrence import chunk_bounds  # noqa: F401
 DEFAULT_CHUNK_SIZE = 32
 MAX_CHUNK_SIZE = 2**63 - 1  # the ops take it as a C++ int64
 
+# The default memory policy, recompute="auto": keep a layer call's gate pre-activations when they take
+# at most this many bytes (per layer and direction), recompute them in the backward above it. Below
+# it keeping was the faster policy at every size measured (docs/cpu.md, Memory policies); above it,
+# writing the kept gates in the forward and reading them back costs more than the recompute products,
+# and the memory grows with the window: recompute keeps little more than the output.
+AUTO_KEEP_GATES_BYTES = 32 << 20
+
 
 def check_chunk_size(chunk_size) -> int:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
@@ -25,6 +32,21 @@ def check_chunk_size(chunk_size) -> int:
     if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
         raise ValueError(f"chunk_size (steps recomputed together) must lie in [1, 2**63 - 1], got {chunk_size}")
     return chunk_size
+
+
+def check_recompute(recompute) -> bool | str:
+    if not (isinstance(recompute, bool) or isinstance(recompute, str) and recompute == "auto"):
+        raise ValueError(f"recompute must be True, False or 'auto', got {recompute!r}")
+    return recompute
+
+
+def keeps_gates(recompute: bool | str, cell: str, steps: int, batch: int, hidden: int, dtype: torch.dtype) -> bool:
+    """Whether a layer call keeps its gate pre-activations for the backward (``recompute`` False,
+    or "auto" with at most AUTO_KEEP_GATES_BYTES of them)."""
+    if recompute != "auto":
+        return not recompute
+    kept = steps * batch * cells.SPECS[cell].saved_width(hidden) * torch.empty((), dtype=dtype).element_size()
+    return kept <= AUTO_KEEP_GATES_BYTES
 
 
 def _check_tensor(name: str, t: Optional[Tensor], shape: tuple, x: Tensor) -> None:
@@ -87,16 +109,19 @@ def recurrent_layer(cell: str, x: Tensor, hx: Tensor, weight_ih: Tensor, weight_
                     bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None, *,
                     cx: Optional[Tensor] = None, weight_hr: Optional[Tensor] = None,
                     lengths: Optional[Tensor] = None, reverse: bool = False,
-                    chunk_size: int = DEFAULT_CHUNK_SIZE, recompute: bool = True, backend: str = "auto"):
+                    chunk_size: int = DEFAULT_CHUNK_SIZE, recompute: bool | str = "auto", backend: str = "auto"):
     """One recurrent layer in one direction.
 
     x: [T, B, I]; hx: [B, P]; cx: [B, H] (LSTM); weight_ih: [G*H, I]; weight_hh: [G*H, P];
     bias_*: [G*H]; weight_hr: [P, H] (LSTM projection); lengths: [B] int64, each in [1, T].
     Returns (output [T, B, P], h_n [B, P]) and, for LSTM, c_n [B, H] as a third item.
     Padded steps (t >= lengths[b]) output zeros and leave the state unchanged.
+    recompute: True keeps only the output and chunk-boundary states for the backward, False also the
+    gate pre-activations, "auto" keeps them up to AUTO_KEEP_GATES_BYTES.
     """
     spec = cells.spec(cell)
     check_chunk_size(chunk_size)
+    check_recompute(recompute)
     dispatch.check_backend_name(backend)
     if x.dim() != 3:
         raise RuntimeError(f"input must have 3 dimensions [T, B, input_size], got {x.dim()}")
@@ -115,6 +140,8 @@ def recurrent_layer(cell: str, x: Tensor, hx: Tensor, weight_ih: Tensor, weight_
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
         # inference: nothing is kept for a backward, so one chunk spans the sequence, no gates kept
         chunk_size, recompute = steps, True
+    else:
+        recompute = not keeps_gates(recompute, cell, steps, batch, hidden, x.dtype)
     if spec.has_cell_state:
         out, h_n, c_n, _, _ = torch.ops.fastbptt.lstm(x, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
                                                       lengths, reverse, chunk_size, recompute, name)
