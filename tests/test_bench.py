@@ -270,6 +270,21 @@ def test_cli_runs_a_cell_loop_grid(tmp_path, capsys):
     assert "a cell loop has one layer and one direction" in capsys.readouterr().out
 
 
+def test_auto_memory_policy_column():
+    """--recompute auto measures the modules' default policy as its own column."""
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    plan = cli.build_plan(parser.parse_args(["--cells", "gru", "--backends", "reference", "--recompute", "auto",
+                                                 "on"]))
+    (_, cands), *_ = plan.items()
+    assert [c.label for c in cands][-2:] == ["fastbptt[reference,C=32,auto]", "fastbptt[reference,C=32,recompute]"]
+    recs = runner.run_case(Case("gru", "train", **TINY), [config.TORCH_NN, cands[-2]], 0, 1)
+    doc = {"format": report.FORMAT, "preset": "t", "environment": {}, "records": recs,
+           "settings": {"timer": "t", "warmup": 0, "reps": 1}}
+    text = report.summary_tables(doc)
+    assert "| cell | mode | torch.nn | reference auto |" in text
+
+
 def test_tables_read_runs_saved_before_cell_loops():
     recs = runner.run_case(Case("gru", "infer", **TINY), [config.TORCH_NN, *REFERENCE[:1]], 0, 1)
     for rec in recs:
@@ -285,10 +300,11 @@ def test_presets_expand():
         assert items and all(cands[0].is_baseline for _, cands in items)
     kernels_plan = config.preset("cpu-kernels")
     kernels = kernels_plan.items()
-    assert {(c.batch, c.hidden, c.steps) for c, _ in kernels} == {(32, 256, 128), (8, 512, 256), (128, 128, 128),
-                                                                  (1, 1024, 512)}
-    assert all({x.label for x in cands} >= {"torch.nn", "torch.compile", "fastbptt[cpu,C=32,recompute]",
-                                            "fastbptt[cpu,C=32,keep-gates]"} for _, cands in kernels)
+    assert {(c.batch, c.hidden, c.steps, c.layers) for c, _ in kernels} == {
+        (32, 256, 128, 1), (8, 512, 256, 1), (128, 128, 128, 1), (1, 1024, 512, 1), (20, 200, 35, 2)}
+    policies = {"train": ["auto", "recompute", "keep-gates"], "infer": ["recompute"]}  # inference keeps nothing
+    assert all([x.label for x in cands] == ["torch.nn", "torch.compile"] + [
+        f"fastbptt[cpu,C=32,{p}]" for p in policies[case.mode]] for case, cands in kernels)
     cells = config.preset("cells")
     assert cells.device == "cpu" and cells.out_dir == kernels_plan.out_dir
     assert {(c.cell, c.mode, c.batch) for c, _ in cells.items()} == {

@@ -49,8 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="1: unidirectional, 2: bidirectional")
     g.add_argument("--chunk-size", nargs="+", type=int, metavar="C", dest="chunk_sizes",
                    help="fastbptt's time steps recomputed together in the backward")
-    g.add_argument("--recompute", nargs="+", choices=("on", "off"),
-                   help="memory policy: on = keep outputs and chunk states, off = also keep gate pre-activations")
+    g.add_argument("--recompute", nargs="+", choices=("on", "off", "auto"),
+                   help="memory policy: on = keep outputs and chunk states, off = also keep gate pre-activations, "
+                        "auto = the modules' default (off while the gates are small, else on)")
     g.add_argument("--backends", nargs="+", help="fastbptt backends, each forced (default: all for the device)")
     g.add_argument("--baselines", nargs="+", choices=config.BASELINES,
                    help="torch.nn is always measured (the ratios are against it)")
@@ -78,7 +79,7 @@ def build_plan(args: argparse.Namespace) -> config.Plan:
         if name == "bidirectional" and args.directions:
             value = tuple(d == 2 for d in args.directions)
         if name == "recompute" and value:
-            value = tuple(v == "on" for v in value)
+            value = tuple({"on": True, "off": False}.get(v, v) for v in value)
         if name == "baselines" and value:
             value = tuple(dict.fromkeys(("torch.nn", *value)))
         if value is not None:

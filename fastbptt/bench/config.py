@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 
 from .. import cells as _cells
 from .. import dispatch
+from ..ops import check_recompute
 
 MODES = ("train", "infer")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
@@ -61,12 +62,17 @@ class Case:
         return 2 if self.bidirectional else 1
 
 
+def policy_name(recompute: bool | str) -> str:
+    """A fastbptt layer's memory policy in the tables: recompute (True), keep-gates (False), auto."""
+    return {True: "recompute", False: "keep-gates"}.get(recompute, str(recompute))
+
+
 @dataclass(frozen=True)
 class Candidate:
     impl: str                       # "torch.nn", "torch.compile" or "fastbptt"
     backend: Optional[str] = None   # fastbptt only: a name from dispatch.CHOICES ("auto" or forced)
     chunk_size: Optional[int] = None   # fastbptt layers only; None for cells
-    recompute: Optional[bool] = None   # fastbptt layers only; None for cells
+    recompute: Optional[bool | str] = None   # fastbptt layers only (True, False, "auto"); None for cells
 
     @property
     def label(self) -> str:
@@ -74,8 +80,7 @@ class Candidate:
             return self.impl
         if self.chunk_size is None and self.recompute is None:  # a cell: one step, nothing recomputed
             return f"fastbptt[{self.backend}]"
-        policy = "recompute" if self.recompute else "keep-gates"
-        return f"fastbptt[{self.backend},C={self.chunk_size},{policy}]"
+        return f"fastbptt[{self.backend},C={self.chunk_size},{policy_name(self.recompute)}]"
 
     @property
     def is_baseline(self) -> bool:
@@ -121,7 +126,7 @@ class Grid:
     layers: Sequence[int] = (1,)
     bidirectional: Sequence[bool] = (False,)
     chunk_sizes: Sequence[int] = (32,)
-    recompute: Sequence[bool] = (True, False)
+    recompute: Sequence[bool | str] = (True, False)
     backends: Optional[Sequence[str]] = None
     baselines: Sequence[str] = BASELINES
     timed: bool = True
@@ -147,7 +152,7 @@ class Grid:
                 continue
             for c in self.chunk_sizes:
                 for rc in self.recompute:
-                    cands.append(Candidate("fastbptt", name, int(c), bool(rc)))
+                    cands.append(Candidate("fastbptt", name, int(c), rc if rc == "auto" else bool(rc)))
         return cands
 
     def validate(self) -> None:
@@ -167,6 +172,8 @@ class Grid:
         for name in self.backends or ():
             if name not in dispatch.CHOICES:
                 raise ValueError(f"unknown backend {name!r}; choose from {', '.join(dispatch.CHOICES)}")
+        for rc in self.recompute:
+            check_recompute(rc)
         for name in self.baselines:
             if name not in BASELINES:
                 raise ValueError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
@@ -231,13 +238,23 @@ def _full(device: str) -> Plan:
     return Plan("full", grids, device, warmup=3, reps=10, description="the whole grid, for GPUs")
 
 
+# The CPU kernel shapes (B, H, T, layers): a mid-size case, small batch and long sequence, a large
+# batch, batch one with a large H, and the word-level language model shape (2 layers, H=200, B=20, T=35).
+CPU_SHAPES = ((32, 256, 128, 1), (8, 512, 256, 1), (128, 128, 128, 1), (1, 1024, 512, 1), (20, 200, 35, 2))
+
+
 def _cpu_kernels(device: str) -> Plan:
-    # issue 4: fused C++ CPU kernels against torch.nn and a compiled cell loop
-    grids = [Grid(cells=("rnn_tanh", "gru", "lstm"), batch=(b,), hidden=(h,), steps=(t,), dtypes=("float32",),
-                  backends=("cpu",), recompute=(True, False), chunk_sizes=(32,))
-             for b, h, t in ((32, 256, 128), (8, 512, 256), (128, 128, 128), (1, 1024, 512))]
+    # fused C++ CPU kernels against torch.nn and a compiled cell loop: training with each memory policy
+    # (auto, the default, is one of the other two per case), inference (which keeps nothing) once; on
+    # CPU one run per thread count (--threads), the machine name records it
+    kw = dict(cells=("rnn_tanh", "gru", "lstm"), dtypes=("float32",), backends=("cpu",), chunk_sizes=(32,))
+    grids = []
+    for b, h, t, layers in CPU_SHAPES:
+        shape = dict(batch=(b,), hidden=(h,), steps=(t,), layers=(layers,))
+        grids.append(Grid(**kw, **shape, modes=("train",), recompute=("auto", True, False)))
+        grids.append(Grid(**kw, **shape, modes=("infer",), recompute=(True,)))
     return Plan("cpu-kernels", grids, device, warmup=2, reps=9,
-                description="issue 4: fastbptt 'cpu' (both memory policies) vs torch.nn vs torch.compile",
+                description="fastbptt 'cpu' (each memory policy) vs torch.nn vs torch.compile, float32",
                 out_dir=os.path.join("benchmarks", "results"),
                 plots=(("speedup", "batch"), ("time_per_step", "batch")))
 

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
+from ..ops import AUTO_KEEP_GATES_BYTES
+from .config import policy_name
 from .environment import describe
 
 FORMAT = "fastbptt-bench/1"
@@ -140,8 +142,7 @@ def _headers(records: list[dict]) -> dict[str, str]:
         if c["chunk_size"] is None and c["recompute"] is None:
             out[label] = c["backend"]
             continue
-        policy = "recompute" if c["recompute"] else "keep-gates"
-        out[label] = f"{c['backend']} {policy}" + (f" C={c['chunk_size']}" if len(chunks) > 1 else "")
+        out[label] = f"{c['backend']} {policy_name(c['recompute'])}" + (f" C={c['chunk_size']}" if len(chunks) > 1 else "")
     return out
 
 
@@ -226,8 +227,11 @@ def summary_tables(doc: dict) -> str:
            ""]
     chunks = _chunk_sizes(records)
     if len(chunks) == 1:
+        auto = any(r["candidate"].get("recompute") == "auto" for r in records)
         out.insert(2, f"fastbptt columns: backend (forced) and memory policy, chunk size {chunks[0]}; "
-                      "recompute = keep outputs and chunk states, keep-gates = also keep gate pre-activations")
+                      "recompute = keep outputs and chunk states, keep-gates = also keep gate pre-activations"
+                      + (f"; auto = the default, keep-gates while the gates take at most "
+                         f"{AUTO_KEEP_GATES_BYTES >> 20} MiB per layer and direction, else recompute" if auto else ""))
     if any(_case_field(r["case"], "loop") == "cell" for r in records):
         out.insert(2, "cell loops: a Python loop of T calls of one cell module (torch.nn's cell, that cell "
                       "compiled, fastbptt's cell with the backend named), hidden states stacked")
