@@ -161,3 +161,27 @@ def test_random_shapes(cell, steps, batch, input_size, hidden, layers, bidirecti
     case = Case(cell=cell, steps=steps, batch=batch, input_size=input_size, hidden_size=hidden, num_layers=layers,
                 bidirectional=bidirectional, packed=packed, chunk_size=chunk, proj_size=proj)
     assert_parity(case, backend, torch.float64)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("cell,used", [("gru", "output"), ("gru", "h_n"), ("lstm", "output"), ("lstm", "h_n"),
+                                       ("lstm", "c_n")])
+@pytest.mark.parametrize("recompute", [True, False])
+def test_gradients_when_only_one_output_is_used(backend, cell, used, recompute):
+    """Autograd gives no gradient for an unused output; the backward then takes zeros for it."""
+    torch.manual_seed(0)
+    fast_cls, torch_cls = {"gru": (fastbptt.GRU, torch.nn.GRU), "lstm": (fastbptt.LSTM, torch.nn.LSTM)}[cell]
+    fast = fast_cls(3, 5, backend=backend, recompute=recompute, chunk_size=2).double()
+    ref = torch_cls(3, 5).double()
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(7, 2, 3, dtype=torch.float64, requires_grad=True)
+
+    def loss(out):
+        output, state = out
+        h_n, c_n = state if cell == "lstm" else (state, None)
+        return {"output": output, "h_n": h_n, "c_n": c_n}[used].square().sum()
+
+    got = torch.autograd.grad(loss(fast(x)), [x, *fast.parameters()])
+    want = torch.autograd.grad(loss(ref(x)), [x, *ref.parameters()])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)

@@ -23,7 +23,7 @@ MAX_CHUNK_SIZE = 2**63 - 1  # the ops take it as a C++ int64
 # it keeping was the faster policy at every size measured (docs/cpu.md, Memory policies); above it,
 # writing the kept gates in the forward and reading them back costs more than the recompute products,
 # and the memory grows with the window: recompute keeps little more than the output.
-AUTO_KEEP_GATES_BYTES = 32 << 20
+AUTO_KEEP_GATES_BYTES = 24 << 20
 
 
 def check_chunk_size(chunk_size) -> int:

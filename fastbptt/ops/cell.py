@@ -229,8 +229,7 @@ class _PassSums:
         w_ih.add_product(d_in, x)
         w_hh.add_product(d_hid, h)
         if biases:
-            biases[0].add_sum(d_in)
-            biases[1].add_sum(d_hid)
+            recurrence.add_bias_sums(*biases, d_in, d_hid)
         self.steps, self.rows = [], 0
 
 

@@ -156,7 +156,9 @@ def _define(cell: str) -> None:
         saved_outputs = (output[0], output[3], output[4]) if lstm else (output[0], output[2])
         ctx.save_for_backward(*diff, lengths, *saved_outputs)
         ctx.options = (reverse, chunk_size, recompute, backend)
-        ctx.set_materialize_grads(True)
+        # the gradients of c_chunks and gates are never read: not materializing them spares a zero-filled
+        # [T, B, saved width] buffer per layer call; backward_formula fills in the state gradients it needs
+        ctx.set_materialize_grads(False)
 
     def backward_formula(ctx, *grads):
         saved = _saved_tensors(ctx, cell)
@@ -164,12 +166,14 @@ def _define(cell: str) -> None:
         mask = [bool(m) and t is not None for m, t in zip(ctx.needs_input_grad[:n_grads], diff)]
         if not any(mask):
             return (None,) * (n_grads + _N_OPTIONS)
-        n_state_grads = 3 if lstm else 2
+        # gradients of (output, h_n[, c_n]), zeros where autograd has none (an unused output)
+        state_likes = (saved_outputs[0], diff[1], diff[2]) if lstm else (saved_outputs[0], diff[1])
+        state_grads = [torch.zeros_like(like) if g is None else g for g, like in zip(grads, state_likes)]
         if torch.is_grad_enabled():  # a graph of the gradients is wanted: double backward
-            result = _differentiable_backward(cell, diff, lengths, grads[:n_state_grads], mask, ctx.options[0])
+            result = _differentiable_backward(cell, diff, lengths, state_grads, mask, ctx.options[0])
         else:
             op = getattr(torch.ops.fastbptt, f"{cell}_backward")
-            result = op(*grads[:n_state_grads], *diff, lengths, *saved_outputs, *ctx.options, mask)
+            result = op(*state_grads, *diff, lengths, *saved_outputs, *ctx.options, mask)
         return tuple(g if m else None for g, m in zip(result, mask)) + (None,) * _N_OPTIONS
 
     torch.library.register_autograd(f"fastbptt::{cell}", backward_formula, setup_context=setup_context, lib=LIB)

@@ -98,9 +98,8 @@ class _GradAccumulator:
         else:
             self.total.addmm_(a2, b2)
 
-    def add_sum(self, a: Tensor) -> None:                  # a: [C, B, N] -> [N]
-        if self.wanted:
-            self._add(flatten(a).sum(0, dtype=torch.float32 if self.low_precision else None))
+    def row_sum(self, a: Tensor) -> Tensor:                # a: [C, B, N] -> [N], in the accumulation dtype
+        return flatten(a).sum(0, dtype=torch.float32 if self.low_precision else None)
 
     def add(self, t: Optional[Tensor]) -> None:
         if self.wanted and t is not None:
@@ -116,6 +115,16 @@ class _GradAccumulator:
         if not self.wanted:
             return self.like.new_empty(EMPTY)
         return (self.total if self.total is not None else torch.zeros_like(self.like)).to(self.like.dtype)
+
+
+def add_bias_sums(acc_ih: _GradAccumulator, acc_hh: _GradAccumulator, d_in: Tensor, d_hid: Tensor) -> None:
+    """The bias gradients of a block of steps: row sums of the gate gradients ``d_in`` (of x W_ih^T + b_ih)
+    and ``d_hid`` (of h W_hh^T + b_hh); one sum serves both where they are one tensor (RNN, LSTM)."""
+    if acc_ih.wanted or acc_hh.wanted:
+        sum_in = acc_ih.row_sum(d_in)
+        acc_ih.add(sum_in)
+        # a copy: the first tensor an accumulator gets becomes its running total, summed into in place
+        acc_hh.add(sum_in.clone() if d_hid is d_in else acc_hh.row_sum(d_hid))
 
 
 # ----------------------------------------------------------------------------- forward
@@ -233,10 +242,9 @@ def _backward(cell: str, grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Optional[
             d_gi, dh = kern.rnn_backward(out_p[s0:s1].contiguous(), w_hh_c, g_out, dh, v, spec.relu)
             d_gh = d_gi
         acc_w_ih.add_product(d_gi, x_c)
-        acc_b_ih.add_sum(d_gi)
         if want_w_hh:
             acc_w_hh.add_product(d_gh, h_prev)
-        acc_b_hh.add_sum(d_gh)
+        add_bias_sums(acc_b_ih, acc_b_hh, d_gi, d_gh)
         if want_x:
             if not reverse and grad_x.is_contiguous():
                 torch.mm(flatten(d_gi), w_ih, out=grad_x[s0:s1].view(-1, w_ih.shape[1]))
