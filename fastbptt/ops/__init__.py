@@ -25,6 +25,12 @@ MAX_CHUNK_SIZE = 2**63 - 1  # the ops take it as a C++ int64
 # and the memory grows with the window: recompute keeps little more than the output.
 AUTO_KEEP_GATES_BYTES = 24 << 20
 
+# Inference keeps nothing for a backward, so its chunks only bound the input projection's buffer:
+# about this many bytes, reused by every chunk. Big enough for efficient products; small enough to
+# stay in cache from the projection to the recurrent kernel, and for the allocator to hand the same
+# memory back call after call (a fresh multi-MiB buffer per call costs a page fault per 4 KiB).
+INFERENCE_CHUNK_BYTES = 8 << 20
+
 
 def check_chunk_size(chunk_size) -> int:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
@@ -138,8 +144,10 @@ def recurrent_layer(cell: str, x: Tensor, hx: Tensor, weight_ih: Tensor, weight_
         return reference.layer(cell, x, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, reverse)
     name = dispatch.resolve(backend, cell, x, hidden, out_size if weight_hr is not None else 0)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
-        # inference: nothing is kept for a backward, so one chunk spans the sequence, no gates kept
-        chunk_size, recompute = steps, True
+        # inference: nothing is kept for a backward, so no gates are kept and the chunk size only sets
+        # the input projection's buffer
+        row_bytes = batch * spec.num_gates * hidden * x.element_size()
+        chunk_size, recompute = max(1, min(steps, INFERENCE_CHUNK_BYTES // row_bytes)), True
     else:
         recompute = not keeps_gates(recompute, cell, steps, batch, hidden, x.dtype)
     if spec.has_cell_state:
