@@ -42,11 +42,18 @@ class KernelPath:
     # False: its set-up per call (packing W_hh) pays off over a chunk of steps only, so the rule
     # does not take it for a single cell step
     single_step: bool = True
+    # ... and from this batch size up
+    auto_min_batch: int = 0
+    # The rule takes this path only on CPUs whose vector ISA (fastbptt.native.packed_isa) is one of
+    # these (None: any)
+    auto_isas: Optional[tuple[str, ...]] = None
 
-    def auto_for(self, batch: int, steps: Optional[int] = None) -> bool:
+    def auto_for(self, batch: int, steps: Optional[int] = None, isa: str = "") -> bool:
         if steps == 1 and not self.single_step:
             return False
-        return self.auto_max_batch is None or batch <= self.auto_max_batch
+        if self.auto_isas is not None and isa not in self.auto_isas:
+            return False
+        return batch >= self.auto_min_batch and (self.auto_max_batch is None or batch <= self.auto_max_batch)
 
 
 @dataclass(frozen=True)
@@ -65,11 +72,14 @@ BACKENDS: dict[str, BackendSpec] = {
     for spec in (
         BackendSpec("reference", "fastbptt.reference", ("cpu", "cuda"), "plain PyTorch, the oracle"),
         BackendSpec("cpu", "fastbptt.native", ("cpu",), "fused C++ kernels (fastbptt._C)", paths=(
-            # measured faster than MKL's single-threaded sgemv for one or two rows (docs/cpu.md)
-            KernelPath("small-batch", "matrix-vector products parallel over W_hh, per step", auto_max_batch=2),
+            # measured faster than MKL's single-threaded sgemv for one or two rows on AVX2 (AMD EPYC); with
+            # AVX-512 (Intel Xeon) MKL trains faster and infers as fast, so the rule leaves it to blas there
+            # (docs/cpu.md)
+            KernelPath("small-batch", "matrix-vector products parallel over W_hh, per step", auto_max_batch=2,
+                       auto_isas=("avx2",)),
             # measured faster than MKL + row pass at every float32 shape with B > 2 (docs/cpu.md)
-            KernelPath("packed", "per-step forward with W_hh packed per thread in L2, one parallel region per "
-                                 "step; backward as blas", single_step=False),
+            KernelPath("packed", "W_hh packed per thread in L2, forward and backward: one parallel region per "
+                                 "step (AVX-512 or AVX2 micro-kernel)", single_step=False, auto_min_batch=3),
             KernelPath("blas", "one MKL product and one fused gate pass per step"),
         )),
         BackendSpec("cuda", "fastbptt.native", ("cuda",), "fused CUDA kernels (fastbptt._C)", paths=(
@@ -141,6 +151,13 @@ def path_decline(backend: str, path: str, cell: str, dtype: torch.dtype, batch: 
     return kernels(backend).path_decline(backend, path, cell, dtype, batch, hidden_size, proj_size)
 
 
+@lru_cache(maxsize=None)
+def vector_isa(backend: str) -> str:
+    """The vector ISA a backend's kernels run with here ("avx512", "avx2"; "" where it does not apply)."""
+    module = kernels(backend)
+    return module.packed_isa() if backend == "cpu" else ""
+
+
 def choose_path(backend: str, cell: str, dtype: torch.dtype, batch: int, hidden_size: int,
                 proj_size: int = 0, steps: Optional[int] = None) -> str:
     """The kernel path of ``backend`` ("cpu", "cuda:persistent", ...) for one layer call (``steps=1``:
@@ -155,8 +172,10 @@ def choose_path(backend: str, cell: str, dtype: torch.dtype, batch: int, hidden_
             raise BackendUnavailable(f"fastbptt backend {backend!r} cannot run this {cell} layer "
                                      f"(B={batch}, H={hidden_size}, {dtype}): {reason}")
         return forced
+    isa = vector_isa(name)
     for path in paths:
-        if path.auto_for(batch, steps) and not path_decline(name, path.name, cell, dtype, batch, hidden_size, proj_size):
+        if path.auto_for(batch, steps, isa) and not path_decline(name, path.name, cell, dtype, batch, hidden_size,
+                                                                  proj_size):
             return path.name
     if paths:  # the last path takes every supported case: reaching here is a bug in a path_decline
         raise AssertionError(f"no kernel path of {name!r} takes this {cell} case (B={batch}, H={hidden_size}, "

@@ -130,8 +130,8 @@ def path_decline(name: str, path: str, cell: str, dtype: torch.dtype, batch: int
     """'' when kernel ``path`` of backend ``name`` ("cpu", "cuda") can run the case, else why not."""
     if path in ("small-batch", "packed") and dtype not in FLOAT32_PATH_DTYPES:
         return f"the {path} kernels take float32 and bfloat16, not {dtype}"
-    if path == "packed" and (cell not in ("gru", "lstm") or proj_size):
-        return "the packed forward exists for GRU and for LSTM without projection"
+    if path == "packed" and proj_size:
+        return "the packed kernels exist for LSTM without projection (and for RNN and GRU)"
     if path == "persistent":
         return persistent_decline(cell, dtype, batch, hidden_size, proj_size)
     return ""

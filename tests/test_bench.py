@@ -19,6 +19,9 @@ from fastbptt.bench.config import Candidate, Case
 TINY = dict(device="cpu", dtype="float32", batch=2, hidden=4, input_size=3, steps=5)
 CELL_TINY = dict(device="cpu", dtype="float32", batch=2, hidden=8, input_size=5, steps=3, loop="cell")
 REFERENCE = [Candidate("fastbptt", "reference", 2, True), Candidate("fastbptt", "reference", 2, False)]
+# the CPU rule's path for B <= 2 on this CPU (fastbptt/dispatch.py)
+SMALL_BATCH_RULE = "blas" if not dispatch.availability("cpu") and dispatch.vector_isa("cpu") == "avx512" else \
+    "small-batch"
 RECORD_FIELDS = {"key", "case", "candidate", "baseline", "status", "error", "time", "time_per_step_us", "speedup",
                  "memory", "notes"}
 
@@ -88,12 +91,12 @@ def test_backend_that_cannot_run_here_is_unavailable_with_the_reason():
 @pytest.mark.skipif(bool(dispatch.availability("cpu")), reason="needs the C++ CPU kernels")
 def test_records_name_the_kernel_path_and_a_forced_path_that_declines_is_unavailable():
     cands = [Candidate("fastbptt", "cpu", 2, True), Candidate("fastbptt", "cpu:packed", 2, True)]
-    gru = run(Case("gru", "train", **TINY), cands, reps=1)  # B=2: the rule takes the small-batch path
-    assert gru["fastbptt[cpu,C=2,recompute]"]["notes"]["kernel_path"] == "small-batch"
+    gru = run(Case("gru", "train", **TINY), cands, reps=1)  # B=2: small-batch on AVX2, blas on AVX-512
+    assert gru["fastbptt[cpu,C=2,recompute]"]["notes"]["kernel_path"] == SMALL_BATCH_RULE
     assert gru["fastbptt[cpu:packed,C=2,recompute]"]["notes"]["kernel_path"] == "packed"
-    rnn = run(Case("rnn_relu", "train", **TINY), cands, reps=1)
-    rec = rnn["fastbptt[cpu:packed,C=2,recompute]"]
-    assert rec["status"] == "unavailable" and "the packed forward exists for GRU" in rec["error"]
+    lstm = run(Case("lstm", "train", **{**TINY, "dtype": "float64"}), cands, reps=1)
+    rec = lstm["fastbptt[cpu:packed,C=2,recompute]"]
+    assert rec["status"] == "unavailable" and "the packed kernels take float32 and bfloat16" in rec["error"]
 
 
 @pytest.mark.parametrize("shape", [TINY, CELL_TINY], ids=["layer", "cell-loop"])
@@ -160,7 +163,7 @@ def test_cell_loop_records_are_ok_with_ratios_from_the_same_run(cell):
         assert rec["candidate"]["chunk_size"] is None and rec["candidate"]["recompute"] is None
         assert rec["notes"]["resolved_backend"] == cand.backend
         if cand.backend == "cpu":  # the path one step of B=2 takes
-            assert rec["notes"]["kernel_path"] == "small-batch"
+            assert rec["notes"]["kernel_path"] == SMALL_BATCH_RULE
 
 
 def test_cell_loop_infer_times_the_forward_only():

@@ -284,6 +284,8 @@ def test_torch_func_grad_runs_the_reference_maths(cell):
 @native
 @pytest.mark.parametrize("batch,path", [(1, "small-batch"), (2, "small-batch"), (32, "blas")])
 def test_the_rule_takes_no_per_call_packing_for_a_single_step(batch, path):
+    if path == "small-batch" and dispatch.vector_isa("cpu") != "avx2":
+        path = "blas"  # the rule leaves one or two rows to MKL on AVX-512 (fastbptt/dispatch.py)
     for cell in ("gru", "lstm"):
         assert dispatch.cell_kernel("auto", cell, "cpu", torch.float32, batch, 64) == f"cpu:{path}"
         assert dispatch.choose_path("cpu", cell, torch.float32, 32, 64) == "packed"  # layers still pack
@@ -294,8 +296,7 @@ def test_the_rule_takes_no_per_call_packing_for_a_single_step(batch, path):
 @native
 @pytest.mark.parametrize("cell", CELLS)
 def test_forced_kernel_paths_match_torch_nn(cell):
-    for backend in ("cpu:small-batch", "cpu:blas", "cpu:packed") if cell in ("gru", "lstm") else (
-            "cpu:small-batch", "cpu:blas"):
+    for backend in ("cpu:small-batch", "cpu:blas", "cpu:packed"):
         ref, fast = make_pair(cell, backend, torch.float32)
         x, hx = make_inputs(cell, 2, torch.float32)
         assert_close_results(run(fast, *clone_inputs(x, hx)), run(ref, x, hx), *TOLERANCES[torch.float32],

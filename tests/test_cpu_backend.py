@@ -142,13 +142,13 @@ def test_small_batch_products_match_reference_kernels(name, proj, batch, masked)
     assert_op_matches_reference_kernel(name, args, TOLERANCES[torch.float32])
 
 
-@pytest.mark.parametrize("name", ["gru_forward_chunk", "lstm_forward_chunk"])
+@pytest.mark.parametrize("name", ["rnn_forward_chunk", "gru_forward_chunk", "lstm_forward_chunk"])
 @pytest.mark.parametrize("batch", [1, 4, 5, 15, 33])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("saved", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_packed_step_forward_matches_reference_kernels(name, batch, masked, saved, threads):
-    """float32 GRU / LSTM forward with W_hh packed per thread (csrc/cpu/packed_step.cpp): H = 37 is not a
+    """float32 RNN / GRU / LSTM forward with W_hh packed per thread (csrc/cpu/packed_step.cpp): H = 37 is not a
     multiple of the 16-column panels, a thread's panel count is odd or even, and B is not a multiple of
     the micro-kernel's rows (AVX2: 6, AVX-512: 8); with and without padding and gh_out / gates_out; the
     blas path on the same case for comparison. test_packed_step_avx2_kernels runs this under AVX2."""
@@ -167,7 +167,7 @@ def test_packed_step_forward_matches_reference_kernels(name, batch, masked, save
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("name", ["gru_backward_chunk", "lstm_backward_chunk"])
+@pytest.mark.parametrize("name", ["rnn_backward_chunk", "gru_backward_chunk", "lstm_backward_chunk"])
 @pytest.mark.parametrize("batch", [4, 15, 33])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
@@ -212,8 +212,8 @@ def test_packed_step_avx2_kernels():
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("path", ["blas", "small-batch", "packed"])
 def test_opcheck_chunk_ops(name, proj, masked, path):
-    if path == "packed" and (name.startswith("rnn") or proj):
-        pytest.skip("the packed path exists for GRU and LSTM without projection")
+    if path == "packed" and proj:
+        pytest.skip("the packed kernels exist for LSTM without projection")
     op, args = chunk_op_args(name, torch.float64 if path == "blas" else torch.float32, proj=proj,
                              masked=masked, path=path)
     torch.library.opcheck(op, args)
@@ -303,9 +303,8 @@ def test_saturated_gates_are_exact(dtype, path):
     assert torch.equal(h, h0)
     h = ops.gru_forward_chunk(torch.cat([-big, -big, -big], -1), h0, zeros(3 * H, H), None, None, out, None, path)
     assert torch.equal(h, -torch.ones_like(h)) and torch.equal(out, -torch.ones_like(out))
-    if path != "packed":  # the packed path exists for GRU and LSTM
-        h = ops.rnn_forward_chunk(-big, h0, zeros(H, H), None, out, False, path)
-        assert torch.equal(h, -torch.ones_like(h))
+    h = ops.rnn_forward_chunk(-big, h0, zeros(H, H), None, out, False, path)
+    assert torch.equal(h, -torch.ones_like(h))
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -321,10 +320,8 @@ def test_kernel_input_errors(name, index, bad, message):
     ("gru_forward_chunk", torch.float64, False, "fastest", r"path must be small-batch, packed or blas, got 'fastest'"),
     ("gru_backward_chunk", torch.float64, False, "packed", r"the packed kernels take float32 and bfloat16, got Double"),
     ("rnn_forward_chunk", torch.float64, False, "small-batch", r"the small-batch kernels take float32 and bfloat16"),
-    ("rnn_forward_chunk", torch.float32, False, "packed", r"the packed path exists for GRU and LSTM"),
-    ("rnn_backward_chunk", torch.float32, False, "packed", r"the packed path exists for GRU and LSTM"),
-    ("lstm_forward_chunk", torch.float32, True, "packed", r"packed path exists for LSTM without projection"),
-    ("lstm_backward_chunk", torch.float32, True, "packed", r"packed path exists for LSTM without projection"),
+    ("lstm_forward_chunk", torch.float32, True, "packed", r"packed kernels exist for LSTM without projection"),
+    ("lstm_backward_chunk", torch.float32, True, "packed", r"packed kernels exist for LSTM without projection"),
 ])
 def test_kernel_path_errors(name, dtype, proj, path, message):
     """A path a kernel cannot run is an error naming it, never a silent switch to another."""

@@ -32,26 +32,35 @@ def test_persistent_is_never_chosen_automatically_until_measured():
 
 
 @needs_cpu
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
 @pytest.mark.parametrize("cell,proj,dtype,batch,expected", [
-    ("gru", 0, F32, 1, "small-batch"),
-    ("lstm", 0, BF16, 2, "small-batch"),
-    ("rnn_tanh", 0, F32, 2, "small-batch"),
+    ("gru", 0, F32, 1, {"avx2": "small-batch", "avx512": "blas"}),   # measured per ISA (docs/cpu.md)
+    ("lstm", 0, BF16, 2, {"avx2": "small-batch", "avx512": "blas"}),
+    ("rnn_tanh", 0, F32, 2, {"avx2": "small-batch", "avx512": "blas"}),
     ("gru", 0, F32, 3, "packed"),
     ("lstm", 0, BF16, 64, "packed"),
-    ("lstm", 4, F32, 8, "blas"),       # the packed forward has no projection
-    ("rnn_relu", 0, F32, 8, "blas"),   # nor an RNN cell
+    ("rnn_relu", 0, F32, 8, "packed"),
+    ("lstm", 4, F32, 8, "blas"),       # the packed kernels have no projection
     ("gru", 0, F64, 1, "blas"),        # small-batch and packed compute in float32
 ])
-def test_cpu_rule(cell, proj, dtype, batch, expected):
-    assert dispatch.choose_path("cpu", cell, dtype, batch, 16, proj) == expected
+def test_cpu_rule(cell, proj, dtype, batch, expected, isa, monkeypatch):
+    monkeypatch.setattr(dispatch, "vector_isa", lambda backend: isa)
+    want = expected[isa] if isinstance(expected, dict) else expected
+    assert dispatch.choose_path("cpu", cell, dtype, batch, 16, proj) == want
+
+
+def test_cpu_rule_follows_this_cpus_isa():
+    """The ISA the rule reads is the one the packed kernels run with here."""
+    if not CPU_REASON:
+        assert dispatch.vector_isa("cpu") == fastbptt.native.packed_isa() in ("avx2", "avx512")
+    assert dispatch.vector_isa("reference") == ""
 
 
 @needs_cpu
 @pytest.mark.parametrize("backend,cell,proj,dtype,reason", [
     ("cpu:packed", "gru", 0, F64, "take float32 and bfloat16"),
     ("cpu:small-batch", "rnn_tanh", 0, F64, "take float32 and bfloat16"),
-    ("cpu:packed", "rnn_relu", 0, F32, "GRU and for LSTM without projection"),
-    ("cpu:packed", "lstm", 4, F32, "GRU and for LSTM without projection"),
+    ("cpu:packed", "lstm", 4, F32, "packed kernels exist for LSTM without projection"),
 ])
 def test_forced_path_that_declines_raises_with_the_reason(backend, cell, proj, dtype, reason):
     with pytest.raises(dispatch.BackendUnavailable, match=f"{backend}' cannot run this {cell} layer .*{reason}"):
@@ -73,7 +82,7 @@ def test_the_last_cpu_path_takes_every_case(cell, proj, dtype):
 
 @needs_cpu
 @pytest.mark.parametrize("backend,batch,dtype,expected", [
-    ("cpu", 1, F32, "small-batch"),
+    ("cpu", 1, F32, "small-batch" if CPU_REASON or dispatch.vector_isa("cpu") == "avx2" else "blas"),
     ("cpu", 4, F32, "packed"),
     ("cpu", 4, F64, "blas"),
     ("cpu:blas", 1, F32, "blas"),
@@ -95,7 +104,7 @@ def test_the_chosen_path_is_the_one_that_runs(monkeypatch, backend, batch, dtype
 @needs_cpu
 @pytest.mark.parametrize("path,cells", [
     ("small-batch", ("rnn_relu", "gru", "lstm")),
-    ("packed", ("gru", "lstm")),
+    ("packed", ("rnn_tanh", "gru", "lstm")),
     ("blas", ("rnn_tanh", "gru", "lstm")),
 ])
 def test_every_cpu_path_matches_torch_nn(path, cells):

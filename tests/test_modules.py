@@ -207,7 +207,8 @@ def test_info_reports_every_backend():
             assert f"    {spec.name}:{path.name} " in text
     assert "cuda:persistent    only when forced" in text and "cpu:small-batch    B <= 2" in text
     if not dispatch.availability("cpu"):  # what a path declines is asked of the backend itself
-        assert "declines: the packed forward exists for GRU and for LSTM without projection" in text
+        assert "declines: the packed kernels exist for LSTM without projection (and for RNN and GRU)" in text
+        assert f"micro-kernel ISA here: {fastbptt.native.packed_isa()}" in text
     assert "torch" in text and "backend='auto' picks" in text
     out = subprocess.run([sys.executable, "-m", "fastbptt.info"], capture_output=True, text=True, check=True).stdout
     assert "backends (BACKEND:PATH forces" in out

@@ -67,8 +67,8 @@ inline const bool* valid_row(const bool* valid, int64_t t, int64_t batch) {
 // takes is decided in Python, in one place (fastbptt/dispatch.py: the registry and its rule;
 // fastbptt/native.py: what each path declines); the kernels run the path they are given.
 //   small-batch: per-step products as matrix-vector kernels parallel over W_hh (small_mm.cpp)
-//   packed:      GRU / LSTM (no projection) with W_hh packed per thread, forward and backward, one
-//                parallel region per step (packed_step.cpp)
+//   packed:      RNN / GRU / LSTM (no projection) with W_hh packed per thread, forward and backward,
+//                one parallel region per step (packed_step.cpp)
 //   blas:        per-step products through ATen (MKL), then one fused row pass
 // small-batch and packed compute in float32 (bfloat16 is widened to it).
 enum class StepPath { small_batch, packed, blas };
@@ -101,19 +101,23 @@ void recurrent_mm_acc(const Tensor& dh, const Tensor& d, const Tensor& w, bool s
 
 // ----------------------------------------------------------------------------- fused per-step kernels
 //
-// float32 GRU / LSTM (no projection) forward and backward with W_hh packed per thread once per chunk
-// and one parallel region per step (csrc/cpu/packed_step.cpp): the packed path.
+// float32 RNN / GRU / LSTM (no projection) forward and backward with W_hh packed per thread once per
+// chunk and one parallel region per step (csrc/cpu/packed_step.cpp): the packed path.
 // h, c: carried state (h0/c0 copies, contiguous); h is replaced by the final state, c updated in place
 void lstm_forward_packed_f32(const Tensor& gates_in, const Tensor& w_hh, const bool* valid, Tensor& h,
                              const Tensor& c, const Tensor& out, const std::optional<Tensor>& gates_out);
 void gru_forward_packed_f32(const Tensor& gi, const Tensor& w_hh, const std::optional<Tensor>& b_hh,
                             const bool* valid, Tensor& h, const Tensor& out, const std::optional<Tensor>& gh_out);
+void rnn_forward_packed_f32(const Tensor& pre_in, const Tensor& w_hh, const bool* valid, bool relu, Tensor& h,
+                            const Tensor& out);
 // The backward of a chunk, W_hh packed by columns: dh, dc (carried gradients, in place) enter as those of
 // the chunk's last state and leave as those of its first; d_gates, d_gi, d_gh: [C, B, G*H] written.
 // c_states: [C + 1, B, H] the LSTM's cell states; h_prev: [C, B, H] the GRU's previous states.
 void lstm_backward_packed_f32(const Tensor& gates, const Tensor& c_states, const Tensor& w_hh,
                               const Tensor& grad_out, const bool* valid, const Tensor& dh, const Tensor& dc,
                               const Tensor& d_gates);
+void rnn_backward_packed_f32(const Tensor& out, const Tensor& w_hh, const Tensor& grad_out, const bool* valid,
+                             bool relu, const Tensor& dh, const Tensor& d_pre);
 void gru_backward_packed_f32(const Tensor& gi, const Tensor& gh, const Tensor& h_prev, const Tensor& w_hh,
                              const Tensor& grad_out, const bool* valid, const Tensor& dh, const Tensor& d_gi,
                              const Tensor& d_gh);

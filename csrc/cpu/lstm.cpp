@@ -296,7 +296,7 @@ std::tuple<Tensor, Tensor> lstm_forward_chunk(const Tensor& gates_in, const Tens
       check_lstm_forward_chunk(kCpuKernels, gates_in, h0, c0, w_hh, w_hr, valid, out, gates_out);
   const StepPath p = step_path(path, a.dtype, a.op);
   TORCH_CHECK(!(p == StepPath::packed && w_hr.has_value()), a.op,
-              ": the packed path exists for LSTM without projection, but w_hr was given");
+              ": the packed kernels exist for LSTM without projection, but w_hr was given");
   Float32Compute fc(a.dtype);
   Tensor h, c;
   fc.run([&](auto zero) {
@@ -317,7 +317,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward_chunk(const Tensor& gat
       check_lstm_backward_chunk(kCpuKernels, gates, c0, w_hh, w_hr, grad_out, grad_h_n, grad_c_n, valid);
   const StepPath p = step_path(path, a.dtype, a.op);
   TORCH_CHECK(!(p == StepPath::packed && w_hr.has_value()), a.op,
-              ": the packed path exists for LSTM without projection, but w_hr was given");
+              ": the packed kernels exist for LSTM without projection, but w_hr was given");
   Float32Compute fc(a.dtype);
   Tensor d_gates, dh, dc, d_w_hr;
   fc.run([&](auto zero) {

@@ -14,6 +14,7 @@
 // results do not depend on the thread count.
 #include "cells/gru.h"
 #include "cells/lstm.h"
+#include "cells/rnn.h"
 #include "common.h"
 
 #include <ATen/Version.h>
@@ -218,6 +219,16 @@ FASTBPTT_INLINE void gru_units(const float* __restrict__ g, const float* __restr
   }
 }
 
+template <bool Relu>
+FASTBPTT_INLINE void rnn_units(const float* __restrict__ g, const float* __restrict__ a, float* __restrict__ hb,
+                               float* __restrict__ ob, int64_t nu) {
+  for (int64_t j = 0; j < nu; ++j) {
+    const float v = rnn::activate<Relu>(g[j] + a[j]);
+    hb[j] = v;
+    ob[j] = v;
+  }
+}
+
 // dst[q * ld_dst + j] = x[q * ld_x + j] (+ y[q * ld_y + j]) for q < G, j < nu
 FASTBPTT_INLINE void add_gates(float* __restrict__ dst, int64_t ld_dst, const float* __restrict__ x, int64_t ld_x,
                                const float* __restrict__ y, int64_t ld_y, int64_t G, int64_t nu) {
@@ -285,6 +296,23 @@ FASTBPTT_INLINE void gru_slice_step(const Slice& s, const float* gi, const float
   }
 }
 
+// Elman RNN, one step, one slice. pre: [B, H] this step's input pre-activations (both biases in);
+// hp/hn: [B, H] previous/next h; out: [B, H]
+template <class Blocking, bool Relu>
+FASTBPTT_INLINE void rnn_slice_step(const Slice& s, const float* pre, const float* hp, float* hn, float* out,
+                                    const bool* valid, int64_t B, int64_t H) {
+  const int64_t ld = s.npan * kPanel, nu = s.nu, u0 = s.u0;
+  packed_mm<Blocking>(s.pack, s.npan, hp, B, H, s.acc, ld);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t o = b * H + u0;
+    if (valid != nullptr && !valid[b]) {
+      keep_rows(hp + o, hn + o, out + o, nu);
+      continue;
+    }
+    rnn_units<Relu>(pre + o, s.acc + b * ld, hn + o, out + o, nu);
+  }
+}
+
 // ----------------------------------------------------------------------------- backward slice steps
 //
 // One region per step t, walking back: a slice first adds the recurrent term of its units,
@@ -348,6 +376,15 @@ FASTBPTT_INLINE void gru_back_units(const float* __restrict__ gi, const float* _
   }
 }
 
+template <bool Relu>
+FASTBPTT_INLINE void rnn_back_units(const float* __restrict__ out, const float* __restrict__ go,
+                                    float* __restrict__ dh, float* __restrict__ dp, int64_t nu) {
+  for (int64_t j = 0; j < nu; ++j) {
+    dp[j] = rnn::pre_grad<Relu>(out[j], dh[j] + go[j]);
+    dh[j] = 0.0f;
+  }
+}
+
 // LSTM (no projection), step t of a slice. dg_next: [B, 4H] or null; g, dg: [B, 4H] this step's
 // pre-activations and their gradients (null at t = -1); cp, cn: [B, H] cell states before and after;
 // go: [B, H] grad_out; dh, dc: [B, H] carried.
@@ -388,6 +425,24 @@ FASTBPTT_INLINE void gru_slice_back_step(const Slice& s, const float* dgh_next, 
   }
 }
 
+// Elman RNN, step t of a slice. dp_next: [B, H] or null; out, go, dp: [B, H] this step's output, grad_out
+// and pre-activation gradients (null at t = -1); dh: [B, H] carried.
+template <class Blocking, bool Relu>
+FASTBPTT_INLINE void rnn_slice_back_step(const Slice& s, const float* dp_next, const float* out, const float* go,
+                                         float* dh, float* dp, const bool* valid, int64_t B, int64_t H) {
+  if (dp_next != nullptr) add_recurrent_grad<Blocking>(s, dp_next, H, dh, B, H);
+  if (out == nullptr) return;
+  const int64_t nu = s.nu, u0 = s.u0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t o = b * H + u0;
+    if (valid != nullptr && !valid[b]) {
+      zero_gates(dp + o, H, 1, nu);
+      continue;
+    }
+    rnn_back_units<Relu>(out + o, go + o, dh + o, dp + o, nu);
+  }
+}
+
 // ----------------------------------------------------------------------------- per-ISA entry points
 //
 // The slice steps compiled once per vector ISA; slice_kernels() picks one set per process
@@ -402,9 +457,12 @@ struct SliceKernels {
                          float*, float*, const bool*, int64_t, int64_t);
   void (*gru_back_step)(const Slice&, const float*, const float*, const float*, const float*, const float*, float*,
                         float*, float*, const bool*, int64_t, int64_t);
+  void (*rnn_step)(const Slice&, const float*, const float*, float*, float*, const bool*, bool, int64_t, int64_t);
+  void (*rnn_back_step)(const Slice&, const float*, const float*, const float*, float*, float*, const bool*, bool,
+                        int64_t, int64_t);
 };
 
-// The four entry points of one ISA: ATTR its target attribute, BLOCKING its register blocking.
+// The entry points of one ISA: ATTR its target attribute, BLOCKING its register blocking.
 #define FASTBPTT_SLICE_KERNELS(NAME, ATTR, BLOCKING)                                                          \
   ATTR void NAME##_lstm_step(const Slice& s, const float* gi, const float* hp, float* hn, float* c, float* out, \
                              float* gout, const bool* valid, int64_t B, int64_t H) {                            \
@@ -424,7 +482,24 @@ struct SliceKernels {
                                  const bool* valid, int64_t B, int64_t H) {                                     \
     gru_slice_back_step<BLOCKING>(s, dgh_next, gi, gh, hp, go, dh, dgi, dgh, valid, B, H);                     \
   }                                                                                                             \
-  const SliceKernels NAME##_kernels{NAME##_lstm_step, NAME##_gru_step, NAME##_lstm_back_step, NAME##_gru_back_step};
+  ATTR void NAME##_rnn_step(const Slice& s, const float* pre, const float* hp, float* hn, float* out,          \
+                            const bool* valid, bool relu, int64_t B, int64_t H) {                               \
+    if (relu) {                                                                                                 \
+      rnn_slice_step<BLOCKING, true>(s, pre, hp, hn, out, valid, B, H);                                        \
+    } else {                                                                                                    \
+      rnn_slice_step<BLOCKING, false>(s, pre, hp, hn, out, valid, B, H);                                       \
+    }                                                                                                           \
+  }                                                                                                             \
+  ATTR void NAME##_rnn_back_step(const Slice& s, const float* dp_next, const float* out, const float* go,       \
+                                 float* dh, float* dp, const bool* valid, bool relu, int64_t B, int64_t H) {    \
+    if (relu) {                                                                                                 \
+      rnn_slice_back_step<BLOCKING, true>(s, dp_next, out, go, dh, dp, valid, B, H);                           \
+    } else {                                                                                                    \
+      rnn_slice_back_step<BLOCKING, false>(s, dp_next, out, go, dh, dp, valid, B, H);                          \
+    }                                                                                                           \
+  }                                                                                                             \
+  const SliceKernels NAME##_kernels{NAME##_lstm_step,      NAME##_gru_step, NAME##_lstm_back_step,             \
+                                    NAME##_gru_back_step,  NAME##_rnn_step, NAME##_rnn_back_step};
 
 FASTBPTT_SLICE_KERNELS(avx2, FASTBPTT_CLONES, Avx2Blocking)
 #ifdef FASTBPTT_AVX512
@@ -551,6 +626,46 @@ void gru_backward_packed_f32(const Tensor& gi, const Tensor& gh, const Tensor& h
     run_slices(pk.count(), [&](int64_t s) {
       step(pk.slices[s], next, at_step(p_gi, t, g3), at_step(p_gh, t, g3), at_step(p_hp, t, g1),
            at_step(p_go, t, g1), p_dh, at_step(p_dgi, t, g3), at_step(p_dgh, t, g3), v, B, H);
+    });
+  }
+}
+
+void rnn_forward_packed_f32(const Tensor& pre_in, const Tensor& w_hh, const bool* valid, bool relu, Tensor& h,
+                            const Tensor& out) {
+  const int64_t steps = pre_in.size(0), B = pre_in.size(1), H = h.size(1);
+  Packed pk(w_hh.data_ptr<float>(), PackLayout::by_gate_rows, 1, H, B);
+  const auto step = slice_kernels().rnn_step;
+  Tensor h2 = at::empty_like(h);
+  float* hp = h.data_ptr<float>();
+  float* hn = h2.data_ptr<float>();
+  const float* p_pre = pre_in.data_ptr<float>();
+  float* p_out = out.data_ptr<float>();
+  for (int64_t t = 0; t < steps; ++t) {
+    const bool* v = valid_row(valid, t, B);
+    const float* pre = p_pre + t * B * H;
+    float* ot = p_out + t * B * H;
+    run_slices(pk.count(), [&](int64_t s) { step(pk.slices[s], pre, hp, hn, ot, v, relu, B, H); });
+    std::swap(hp, hn);
+  }
+  if (hp != h.data_ptr<float>()) h = h2;
+}
+
+void rnn_backward_packed_f32(const Tensor& out, const Tensor& w_hh, const Tensor& grad_out, const bool* valid,
+                             bool relu, const Tensor& dh, const Tensor& d_pre) {
+  const int64_t steps = out.size(0), B = out.size(1), H = dh.size(1);
+  Packed pk(w_hh.data_ptr<float>(), PackLayout::by_units, 1, H, B);
+  const auto step = slice_kernels().rnn_back_step;
+  const float* p_out = out.data_ptr<float>();
+  const float* p_go = grad_out.data_ptr<float>();
+  float* p_dh = dh.data_ptr<float>();
+  float* p_dp = d_pre.data_ptr<float>();
+  const int64_t g1 = B * H;
+  for (int64_t t = steps - 1; t >= -1; --t) {  // t = -1: only d_pre_0 W_hh, for the gradient of h0
+    const float* next = t + 1 < steps ? p_dp + (t + 1) * g1 : nullptr;
+    const bool* v = t >= 0 ? valid_row(valid, t, B) : nullptr;
+    run_slices(pk.count(), [&](int64_t s) {
+      step(pk.slices[s], next, at_step(p_out, t, g1), at_step(p_go, t, g1), p_dh, at_step(p_dp, t, g1), v, relu, B,
+           H);
     });
   }
 }

@@ -103,9 +103,16 @@ void backward_rows(const double* out, const double* grad_out, double* dh, double
 // pre_in: [C, B, H]; h0: [B, H]; w_hh: [H, H]; out: [C, B, H]
 template <typename T>
 Tensor rnn_forward_impl(const Tensor& pre_in, const Tensor& h0, const Tensor& w_hh, const bool* valid,
-                        const Tensor& out, bool relu, bool small_batch) {
+                        const Tensor& out, bool relu, StepPath path) {
   const int64_t steps = pre_in.size(0), batch = pre_in.size(1), H = h0.size(1);
+  const bool small_batch = path == StepPath::small_batch;
   Tensor h = h0.clone();
+  if constexpr (std::is_same_v<T, float>) {
+    if (path == StepPath::packed) {
+      rnn_forward_packed_f32(pre_in, w_hh, valid, relu, h, out);
+      return h;
+    }
+  }
   Tensor pre = at::empty({batch, H}, pre_in.options());
   const int64_t grain = row_grain(4 * H);  // one activation per unit: cheaper rows than GRU/LSTM
   for (int64_t t = 0; t < steps; ++t) {
@@ -123,11 +130,17 @@ Tensor rnn_forward_impl(const Tensor& pre_in, const Tensor& h0, const Tensor& w_
 
 template <typename T>
 std::tuple<Tensor, Tensor> rnn_backward_impl(const Tensor& out, const Tensor& w_hh, const Tensor& grad_out,
-                                             const Tensor& grad_h_n, const bool* valid, bool relu,
-                                             bool small_batch) {
+                                             const Tensor& grad_h_n, const bool* valid, bool relu, StepPath path) {
   const int64_t steps = out.size(0), batch = out.size(1), H = out.size(2);
+  const bool small_batch = path == StepPath::small_batch;
   Tensor d_pre = at::empty_like(out);
   Tensor dh = grad_h_n.clone();
+  if constexpr (std::is_same_v<T, float>) {
+    if (path == StepPath::packed) {
+      rnn_backward_packed_f32(out, w_hh, grad_out, valid, relu, dh, d_pre);
+      return {d_pre, dh};
+    }
+  }
   const int64_t grain = row_grain(4 * H);
   for (int64_t t = steps - 1; t >= 0; --t) {
     const T* p_out = out.data_ptr<T>() + t * batch * H;
@@ -146,21 +159,15 @@ std::tuple<Tensor, Tensor> rnn_backward_impl(const Tensor& out, const Tensor& w_
 
 // ----------------------------------------------------------------------------- ops
 
-bool rnn_small_batch(c10::string_view path, at::ScalarType dtype, const char* op) {
-  const StepPath p = step_path(path, dtype, op);
-  TORCH_CHECK(p != StepPath::packed, op, ": the packed path exists for GRU and LSTM without projection, not the RNN");
-  return p == StepPath::small_batch;
-}
-
 Tensor rnn_forward_chunk(const Tensor& pre_in, const Tensor& h0, const Tensor& w_hh,
                          const std::optional<Tensor>& valid, const Tensor& out, bool relu, c10::string_view path) {
   const ChunkArgs a = check_rnn_forward_chunk(kCpuKernels, pre_in, h0, w_hh, valid, out);
-  const bool small = rnn_small_batch(path, a.dtype, a.op);
+  const StepPath p = step_path(path, a.dtype, a.op);
   Float32Compute fc(a.dtype);
   Tensor h;
   fc.run([&](auto zero) {
     using T = decltype(zero);
-    h = rnn_forward_impl<T>(fc.in(pre_in), fc.in(h0), fc.in(w_hh), a.valid, fc.out(out), relu, small);
+    h = rnn_forward_impl<T>(fc.in(pre_in), fc.in(h0), fc.in(w_hh), a.valid, fc.out(out), relu, p);
   });
   return fc.result(h);
 }
@@ -169,13 +176,13 @@ std::tuple<Tensor, Tensor> rnn_backward_chunk(const Tensor& out, const Tensor& w
                                               const Tensor& grad_h_n, const std::optional<Tensor>& valid,
                                               bool relu, c10::string_view path) {
   const ChunkArgs a = check_rnn_backward_chunk(kCpuKernels, out, w_hh, grad_out, grad_h_n, valid);
-  const bool small = rnn_small_batch(path, a.dtype, a.op);
+  const StepPath p = step_path(path, a.dtype, a.op);
   Float32Compute fc(a.dtype);
   Tensor d_pre, dh;
   fc.run([&](auto zero) {
     using T = decltype(zero);
     std::tie(d_pre, dh) =
-        rnn_backward_impl<T>(fc.in(out), fc.in(w_hh), fc.in(grad_out), fc.in(grad_h_n), a.valid, relu, small);
+        rnn_backward_impl<T>(fc.in(out), fc.in(w_hh), fc.in(grad_out), fc.in(grad_h_n), a.valid, relu, p);
   });
   return {fc.result(d_pre), fc.result(dh)};
 }
