@@ -196,6 +196,9 @@ def test_meta_device_propagates_shapes(pair):
 def test_zero_batch():
     out, (h, c) = fastbptt.LSTM(4, 6)(torch.randn(5, 0, 4))
     assert out.shape == (5, 0, 6) and h.shape == (1, 0, 6) and c.shape == (1, 0, 6)
+    with torch.no_grad():
+        out, h = fastbptt.GRU(4, 6)(torch.randn(5, 0, 4))
+    assert out.shape == (5, 0, 6) and h.shape == (1, 0, 6)
 
 
 def test_info_reports_every_backend():
@@ -205,7 +208,8 @@ def test_info_reports_every_backend():
     for spec in dispatch.BACKENDS.values():  # every kernel path, with when the rule takes it
         for path in spec.paths:
             assert f"    {spec.name}:{path.name} " in text
-    assert "cuda:persistent    only when forced" in text and "cpu:small-batch    B <= 2" in text
+    assert "cuda:persistent    only when forced" in text and "cpu:small-batch    B <= 2 on avx2" in text
+    assert "cpu:packed         B >= 3" in text
     if not dispatch.availability("cpu"):  # what a path declines is asked of the backend itself
         assert "declines: the packed kernels exist for LSTM without projection (and for RNN and GRU)" in text
         assert f"micro-kernel ISA here: {fastbptt.native.packed_isa()}" in text

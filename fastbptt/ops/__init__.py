@@ -51,7 +51,7 @@ def keeps_gates(recompute: bool | str, cell: str, steps: int, batch: int, hidden
     or "auto" with at most AUTO_KEEP_GATES_BYTES of them)."""
     if recompute != "auto":
         return not recompute
-    kept = steps * batch * cells.SPECS[cell].saved_width(hidden) * torch.empty((), dtype=dtype).element_size()
+    kept = steps * batch * cells.SPECS[cell].saved_width(hidden) * dtype.itemsize
     return kept <= AUTO_KEEP_GATES_BYTES
 
 
@@ -146,7 +146,7 @@ def recurrent_layer(cell: str, x: Tensor, hx: Tensor, weight_ih: Tensor, weight_
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
         # inference: nothing is kept for a backward, so no gates are kept and the chunk size only sets
         # the input projection's buffer
-        row_bytes = batch * spec.num_gates * hidden * x.element_size()
+        row_bytes = max(1, batch * spec.num_gates * hidden * x.element_size())
         chunk_size, recompute = max(1, min(steps, INFERENCE_CHUNK_BYTES // row_bytes)), True
     else:
         recompute = not keeps_gates(recompute, cell, steps, batch, hidden, x.dtype)
