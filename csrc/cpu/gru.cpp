@@ -50,22 +50,8 @@ FASTBPTT_INLINE void gru_backward_rows(const T* __restrict__ gi, const T* __rest
       }
       continue;
     }
-    const T* __restrict__ ib = gi + b * 3 * H;
-    const T* __restrict__ hh = gh + b * 3 * H;
-    const T* __restrict__ hp = h_prev + b * H;
-    const T* __restrict__ go = grad_out + b * H;
-    T* __restrict__ db = dh + b * H;
-    for (int64_t j = 0; j < H; ++j) {
-      const auto a = gru::gates(ib[j], ib[H + j], ib[2 * H + j], hh[j], hh[H + j], hh[2 * H + j]);
-      const auto d = gru::grads(a, hh[2 * H + j], hp[j], db[j] + go[j]);
-      dgi[j] = d.r;
-      dgi[H + j] = d.z;
-      dgi[2 * H + j] = d.n;
-      dgh[j] = d.r;
-      dgh[H + j] = d.z;
-      dgh[2 * H + j] = d.gh_n;
-      db[j] = d.h;
-    }
+    gru::backward_units(gi + b * 3 * H, gh + b * 3 * H, h_prev + b * H, grad_out + b * H, dh + b * H, dgi, dgh, H,
+                        H);
   }
 }
 

@@ -341,8 +341,8 @@ FASTBPTT_INLINE void zero_gates(float* __restrict__ dg, int64_t H, int64_t G, in
 }
 
 // Gate gradients of one row over a slice's nu units (gates H apart), written as functions with restrict
-// parameters so that GCC vectorizes them. dh enters as dL/dh_t less grad_out and leaves as the part of
-// dL/dh_{t-1} that does not go through W_hh.
+// parameters so that GCC vectorizes them (the GRU's is gru::backward_units). dh enters as dL/dh_t less
+// grad_out and leaves as the part of dL/dh_{t-1} that does not go through W_hh.
 FASTBPTT_INLINE void lstm_back_units(const float* __restrict__ g, const float* __restrict__ cp,
                                      const float* __restrict__ cn, const float* __restrict__ go,
                                      float* __restrict__ dh, float* __restrict__ dc, float* __restrict__ dg,
@@ -356,23 +356,6 @@ FASTBPTT_INLINE void lstm_back_units(const float* __restrict__ g, const float* _
     dg[3 * H + j] = d.o;
     dc[j] = d.c;
     dh[j] = 0.0f;
-  }
-}
-
-FASTBPTT_INLINE void gru_back_units(const float* __restrict__ gi, const float* __restrict__ gh,
-                                    const float* __restrict__ hp, const float* __restrict__ go,
-                                    float* __restrict__ dh, float* __restrict__ dgi, float* __restrict__ dgh,
-                                    int64_t H, int64_t nu) {
-  for (int64_t j = 0; j < nu; ++j) {
-    const auto a = gru::gates(gi[j], gi[H + j], gi[2 * H + j], gh[j], gh[H + j], gh[2 * H + j]);
-    const auto d = gru::grads(a, gh[2 * H + j], hp[j], dh[j] + go[j]);
-    dgi[j] = d.r;
-    dgi[H + j] = d.z;
-    dgi[2 * H + j] = d.n;
-    dgh[j] = d.r;
-    dgh[H + j] = d.z;
-    dgh[2 * H + j] = d.gh_n;
-    dh[j] = d.h;
   }
 }
 
@@ -421,7 +404,7 @@ FASTBPTT_INLINE void gru_slice_back_step(const Slice& s, const float* dgh_next, 
       zero_gates(dgh + o3, H, 3, nu);
       continue;
     }
-    gru_back_units(gi + o3, gh + o3, hp + o, go + o, dh + o, dgi + o3, dgh + o3, H, nu);
+    gru::backward_units(gi + o3, gh + o3, hp + o, go + o, dh + o, dgi + o3, dgh + o3, H, nu);
   }
 }
 
@@ -514,6 +497,31 @@ const SliceKernels& slice_kernels() {
   return avx2_kernels;
 }
 
+// The forward of a chunk over packed W_hh: one region per step, f(slice, t, h_prev, h_next) per slice.
+// h is double-buffered (every task reads all of the previous h) and replaced by the final state.
+template <typename F>
+void run_forward(const Packed& pk, int64_t steps, Tensor& h, const F& f) {
+  Tensor h2 = at::empty_like(h);
+  float* hp = h.data_ptr<float>();
+  float* hn = h2.data_ptr<float>();
+  for (int64_t t = 0; t < steps; ++t) {
+    run_slices(pk.count(), [&](int64_t s) { f(pk.slices[s], t, hp, hn); });
+    std::swap(hp, hn);
+  }
+  if (hp != h.data_ptr<float>()) h = h2;
+}
+
+// The backward of a chunk over packed W_hh: one region per step t = steps - 1 .. 0, then one with
+// t = -1 that only adds dG_0 W_hh (the gradient of h0); f(slice, t, dG_{t+1} or null) per slice.
+// d_rows: [steps, B, row] the gradients whose product with W_hh carries back.
+template <typename F>
+void run_backward(const Packed& pk, int64_t steps, const float* d_rows, int64_t row, const F& f) {
+  for (int64_t t = steps - 1; t >= -1; --t) {
+    const float* next = t + 1 < steps ? d_rows + (t + 1) * row : nullptr;
+    run_slices(pk.count(), [&](int64_t s) { f(pk.slices[s], t, next); });
+  }
+}
+
 // Step t's block of a [steps, n] buffer, null for t = -1.
 template <typename P>
 P* at_step(P* p, int64_t t, int64_t n) {
@@ -540,54 +548,52 @@ std::string packed_isa_name() { return packed_isa() == VectorIsa::avx512 ? "avx5
 void lstm_forward_packed_f32(const Tensor& gates_in, const Tensor& w_hh, const bool* valid, Tensor& h,
                              const Tensor& c, const Tensor& out, const std::optional<Tensor>& gates_out) {
   const int64_t steps = gates_in.size(0), B = gates_in.size(1), H = c.size(1);
-  Packed pk(w_hh.data_ptr<float>(), PackLayout::by_gate_rows, 4, H, B);
   const auto step = slice_kernels().lstm_step;
-  Tensor h2 = at::empty_like(h);
-  float* hp = h.data_ptr<float>();
-  float* hn = h2.data_ptr<float>();
-  float* p_c = c.data_ptr<float>();
   const float* p_gi = gates_in.data_ptr<float>();
+  float* p_c = c.data_ptr<float>();
   float* p_out = out.data_ptr<float>();
   float* p_go = gates_out.has_value() ? gates_out->data_ptr<float>() : nullptr;
-  for (int64_t t = 0; t < steps; ++t) {
-    const bool* v = valid_row(valid, t, B);
-    const float* gi = p_gi + t * B * 4 * H;
-    float* ot = p_out + t * B * H;
-    float* go = p_go != nullptr ? p_go + t * B * 4 * H : nullptr;
-    run_slices(pk.count(), [&](int64_t s) { step(pk.slices[s], gi, hp, hn, p_c, ot, go, v, B, H); });
-    std::swap(hp, hn);
-  }
-  if (hp != h.data_ptr<float>()) h = h2;
+  const int64_t g4 = B * 4 * H, g1 = B * H;
+  run_forward(Packed(w_hh.data_ptr<float>(), PackLayout::by_gate_rows, 4, H, B), steps, h,
+              [&](const Slice& s, int64_t t, const float* hp, float* hn) {
+                step(s, p_gi + t * g4, hp, hn, p_c, p_out + t * g1, p_go != nullptr ? p_go + t * g4 : nullptr,
+                     valid_row(valid, t, B), B, H);
+              });
 }
 
 void gru_forward_packed_f32(const Tensor& gi, const Tensor& w_hh, const std::optional<Tensor>& b_hh,
                             const bool* valid, Tensor& h, const Tensor& out, const std::optional<Tensor>& gh_out) {
   const int64_t steps = gi.size(0), B = gi.size(1), H = h.size(1);
-  Packed pk(w_hh.data_ptr<float>(), PackLayout::by_gate_rows, 3, H, B);
   const auto step = slice_kernels().gru_step;
-  Tensor h2 = at::empty_like(h);
-  float* hp = h.data_ptr<float>();
-  float* hn = h2.data_ptr<float>();
   const float* p_gi = gi.data_ptr<float>();
   const float* p_bh = b_hh.has_value() ? b_hh->data_ptr<float>() : nullptr;
   float* p_out = out.data_ptr<float>();
   float* p_gh = gh_out.has_value() ? gh_out->data_ptr<float>() : nullptr;
-  for (int64_t t = 0; t < steps; ++t) {
-    const bool* v = valid_row(valid, t, B);
-    const float* g = p_gi + t * B * 3 * H;
-    float* ot = p_out + t * B * H;
-    float* gh = p_gh != nullptr ? p_gh + t * B * 3 * H : nullptr;
-    run_slices(pk.count(), [&](int64_t s) { step(pk.slices[s], g, p_bh, hp, hn, ot, gh, v, B, H); });
-    std::swap(hp, hn);
-  }
-  if (hp != h.data_ptr<float>()) h = h2;
+  const int64_t g3 = B * 3 * H, g1 = B * H;
+  run_forward(Packed(w_hh.data_ptr<float>(), PackLayout::by_gate_rows, 3, H, B), steps, h,
+              [&](const Slice& s, int64_t t, const float* hp, float* hn) {
+                step(s, p_gi + t * g3, p_bh, hp, hn, p_out + t * g1, p_gh != nullptr ? p_gh + t * g3 : nullptr,
+                     valid_row(valid, t, B), B, H);
+              });
+}
+
+void rnn_forward_packed_f32(const Tensor& pre_in, const Tensor& w_hh, const bool* valid, bool relu, Tensor& h,
+                            const Tensor& out) {
+  const int64_t steps = pre_in.size(0), B = pre_in.size(1), H = h.size(1);
+  const auto step = slice_kernels().rnn_step;
+  const float* p_pre = pre_in.data_ptr<float>();
+  float* p_out = out.data_ptr<float>();
+  const int64_t g1 = B * H;
+  run_forward(Packed(w_hh.data_ptr<float>(), PackLayout::by_gate_rows, 1, H, B), steps, h,
+              [&](const Slice& s, int64_t t, const float* hp, float* hn) {
+                step(s, p_pre + t * g1, hp, hn, p_out + t * g1, valid_row(valid, t, B), relu, B, H);
+              });
 }
 
 void lstm_backward_packed_f32(const Tensor& gates, const Tensor& c_states, const Tensor& w_hh,
                               const Tensor& grad_out, const bool* valid, const Tensor& dh, const Tensor& dc,
                               const Tensor& d_gates) {
   const int64_t steps = gates.size(0), B = gates.size(1), H = dc.size(1);
-  Packed pk(w_hh.data_ptr<float>(), PackLayout::by_units, 4, H, B);
   const auto step = slice_kernels().lstm_back_step;
   const float* p_g = gates.data_ptr<float>();
   const float* p_c = c_states.data_ptr<float>();
@@ -596,21 +602,17 @@ void lstm_backward_packed_f32(const Tensor& gates, const Tensor& c_states, const
   float* p_dc = dc.data_ptr<float>();
   float* p_dg = d_gates.data_ptr<float>();
   const int64_t g4 = B * 4 * H, g1 = B * H;
-  for (int64_t t = steps - 1; t >= -1; --t) {  // t = -1: only dG_0 W_hh, for the gradient of h0
-    const float* next = t + 1 < steps ? p_dg + (t + 1) * g4 : nullptr;
-    const bool* v = t >= 0 ? valid_row(valid, t, B) : nullptr;
-    run_slices(pk.count(), [&](int64_t s) {
-      step(pk.slices[s], next, at_step(p_g, t, g4), at_step(p_c, t, g1), at_step(p_c, t + 1, g1),
-           at_step(p_go, t, g1), p_dh, p_dc, at_step(p_dg, t, g4), v, B, H);
-    });
-  }
+  run_backward(Packed(w_hh.data_ptr<float>(), PackLayout::by_units, 4, H, B), steps, p_dg, g4,
+               [&](const Slice& s, int64_t t, const float* next) {
+                 step(s, next, at_step(p_g, t, g4), at_step(p_c, t, g1), at_step(p_c, t + 1, g1), at_step(p_go, t, g1),
+                      p_dh, p_dc, at_step(p_dg, t, g4), t >= 0 ? valid_row(valid, t, B) : nullptr, B, H);
+               });
 }
 
 void gru_backward_packed_f32(const Tensor& gi, const Tensor& gh, const Tensor& h_prev, const Tensor& w_hh,
                              const Tensor& grad_out, const bool* valid, const Tensor& dh, const Tensor& d_gi,
                              const Tensor& d_gh) {
   const int64_t steps = gi.size(0), B = gi.size(1), H = dh.size(1);
-  Packed pk(w_hh.data_ptr<float>(), PackLayout::by_units, 3, H, B);
   const auto step = slice_kernels().gru_back_step;
   const float* p_gi = gi.data_ptr<float>();
   const float* p_gh = gh.data_ptr<float>();
@@ -620,54 +622,28 @@ void gru_backward_packed_f32(const Tensor& gi, const Tensor& gh, const Tensor& h
   float* p_dgi = d_gi.data_ptr<float>();
   float* p_dgh = d_gh.data_ptr<float>();
   const int64_t g3 = B * 3 * H, g1 = B * H;
-  for (int64_t t = steps - 1; t >= -1; --t) {  // t = -1: only dG_0 W_hh, for the gradient of h0
-    const float* next = t + 1 < steps ? p_dgh + (t + 1) * g3 : nullptr;
-    const bool* v = t >= 0 ? valid_row(valid, t, B) : nullptr;
-    run_slices(pk.count(), [&](int64_t s) {
-      step(pk.slices[s], next, at_step(p_gi, t, g3), at_step(p_gh, t, g3), at_step(p_hp, t, g1),
-           at_step(p_go, t, g1), p_dh, at_step(p_dgi, t, g3), at_step(p_dgh, t, g3), v, B, H);
-    });
-  }
-}
-
-void rnn_forward_packed_f32(const Tensor& pre_in, const Tensor& w_hh, const bool* valid, bool relu, Tensor& h,
-                            const Tensor& out) {
-  const int64_t steps = pre_in.size(0), B = pre_in.size(1), H = h.size(1);
-  Packed pk(w_hh.data_ptr<float>(), PackLayout::by_gate_rows, 1, H, B);
-  const auto step = slice_kernels().rnn_step;
-  Tensor h2 = at::empty_like(h);
-  float* hp = h.data_ptr<float>();
-  float* hn = h2.data_ptr<float>();
-  const float* p_pre = pre_in.data_ptr<float>();
-  float* p_out = out.data_ptr<float>();
-  for (int64_t t = 0; t < steps; ++t) {
-    const bool* v = valid_row(valid, t, B);
-    const float* pre = p_pre + t * B * H;
-    float* ot = p_out + t * B * H;
-    run_slices(pk.count(), [&](int64_t s) { step(pk.slices[s], pre, hp, hn, ot, v, relu, B, H); });
-    std::swap(hp, hn);
-  }
-  if (hp != h.data_ptr<float>()) h = h2;
+  run_backward(Packed(w_hh.data_ptr<float>(), PackLayout::by_units, 3, H, B), steps, p_dgh, g3,
+               [&](const Slice& s, int64_t t, const float* next) {
+                 step(s, next, at_step(p_gi, t, g3), at_step(p_gh, t, g3), at_step(p_hp, t, g1), at_step(p_go, t, g1),
+                      p_dh, at_step(p_dgi, t, g3), at_step(p_dgh, t, g3), t >= 0 ? valid_row(valid, t, B) : nullptr,
+                      B, H);
+               });
 }
 
 void rnn_backward_packed_f32(const Tensor& out, const Tensor& w_hh, const Tensor& grad_out, const bool* valid,
                              bool relu, const Tensor& dh, const Tensor& d_pre) {
   const int64_t steps = out.size(0), B = out.size(1), H = dh.size(1);
-  Packed pk(w_hh.data_ptr<float>(), PackLayout::by_units, 1, H, B);
   const auto step = slice_kernels().rnn_back_step;
   const float* p_out = out.data_ptr<float>();
   const float* p_go = grad_out.data_ptr<float>();
   float* p_dh = dh.data_ptr<float>();
   float* p_dp = d_pre.data_ptr<float>();
   const int64_t g1 = B * H;
-  for (int64_t t = steps - 1; t >= -1; --t) {  // t = -1: only d_pre_0 W_hh, for the gradient of h0
-    const float* next = t + 1 < steps ? p_dp + (t + 1) * g1 : nullptr;
-    const bool* v = t >= 0 ? valid_row(valid, t, B) : nullptr;
-    run_slices(pk.count(), [&](int64_t s) {
-      step(pk.slices[s], next, at_step(p_out, t, g1), at_step(p_go, t, g1), p_dh, at_step(p_dp, t, g1), v, relu, B,
-           H);
-    });
-  }
+  run_backward(Packed(w_hh.data_ptr<float>(), PackLayout::by_units, 1, H, B), steps, p_dp, g1,
+               [&](const Slice& s, int64_t t, const float* next) {
+                 step(s, next, at_step(p_out, t, g1), at_step(p_go, t, g1), p_dh, at_step(p_dp, t, g1),
+                      t >= 0 ? valid_row(valid, t, B) : nullptr, relu, B, H);
+               });
 }
 
 }  // namespace cpu

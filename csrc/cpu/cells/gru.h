@@ -8,6 +8,8 @@
 
 #include "activation.h"
 
+#include <cstdint>
+
 namespace fastbptt {
 namespace cpu {
 namespace gru {
@@ -45,6 +47,26 @@ FASTBPTT_INLINE Grads<T> grads(const Gates<T>& a, T gh_n, T h_prev, T d) {
   const T d_z = d * (h_prev - a.n) * a.z * (T(1) - a.z);
   const T d_r = d_n * gh_n * a.r * (T(1) - a.r);
   return {d_r, d_z, d_n, d_n * a.r, d * a.z};
+}
+
+// Gradients of one row over n consecutive units, gates H apart: gi, gh, dgi, dgh point at the row's
+// first unit of the r block; dh enters as dL/dh' less grad_out (go) and leaves as its direct part
+// z * dL/dh', for the caller to add the recurrent product to. Restrict parameters, so GCC vectorizes.
+template <typename T>
+FASTBPTT_INLINE void backward_units(const T* __restrict__ gi, const T* __restrict__ gh, const T* __restrict__ hp,
+                                    const T* __restrict__ go, T* __restrict__ dh, T* __restrict__ dgi,
+                                    T* __restrict__ dgh, int64_t H, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const auto a = gates(gi[j], gi[H + j], gi[2 * H + j], gh[j], gh[H + j], gh[2 * H + j]);
+    const auto d = grads(a, gh[2 * H + j], hp[j], dh[j] + go[j]);
+    dgi[j] = d.r;
+    dgi[H + j] = d.z;
+    dgi[2 * H + j] = d.n;
+    dgh[j] = d.r;
+    dgh[H + j] = d.z;
+    dgh[2 * H + j] = d.gh_n;
+    dh[j] = d.h;
+  }
 }
 
 }  // namespace gru
