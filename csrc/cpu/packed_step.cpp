@@ -1,17 +1,20 @@
-// The packed path: fused per-step forward for float32 GRU and LSTM (no projection)
-// (csrc/cpu/common.h: gru_forward_packed_f32, lstm_forward_packed_f32).
+// The packed path: fused per-step forward and backward for float32 RNN, GRU and LSTM (no projection)
+// (csrc/cpu/common.h: *_forward_packed_f32, *_backward_packed_f32).
 //
 // Once per chunk W_hh is packed into one block per thread: the hidden units are split into one
-// contiguous slice per thread, and the rows of all G gates of a slice's units are stored
-// K-major in 16-column panels ([K][16], zero-padded). A slice's panels (LSTM H=256: 512 KiB)
-// stay in that thread's L2 for the whole chunk. Per step there is a single parallel region
-// (run_slices) with one task per slice: the task forms the gate pre-activations of its units for all B rows
-// with a 6x16 register-blocked FMA micro-kernel (panel-outer, so each 16 KiB panel is read
-// from L1 by every row block), then applies the gate math and writes h, c and out for its
-// units. h is double-buffered because every task reads all of the previous h.
+// contiguous slice per thread. Forward: the rows of all G gates of a slice's units, stored K-major
+// in 16-column panels ([K][16], zero-padded, K = H). A slice's panels (LSTM H=256, 2 threads:
+// 512 KiB) stay in that thread's L2 for the whole chunk. Per step there is a single parallel region
+// (run_slices) with one task per slice: the task forms the gate pre-activations of its units for all
+// B rows with a register-blocked FMA micro-kernel (panel-outer, so a panel group is read from L1 by
+// every row block), then applies the gate math and writes h, c and out for its units. h is
+// double-buffered because every task reads all of the previous h. Backward: the W_hh columns of a
+// slice's units (K = G*H), for dh[:, slice] += dG W_hh[:, slice], then the gate gradients of its units
+// (backward slice steps below).
 //
-// Each output column is one sequential sum over K whatever the number of slices, so the
-// results do not depend on the thread count.
+// The micro-kernel exists per vector ISA (AVX-512: 8 rows x 2 panels, AVX2: 6 rows x 1 panel),
+// chosen once per process (packed_isa()). Each output column is one sequential sum over K whatever
+// the number of slices or the ISA, so the results do not depend on the thread count.
 #include "cells/gru.h"
 #include "cells/lstm.h"
 #include "cells/rnn.h"
