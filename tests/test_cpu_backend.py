@@ -268,11 +268,21 @@ def test_memory_policies(cell):
     assert kept[False] >= out_bytes + gate_bytes, kept[False] / out_bytes
 
 
-def test_inference_keeps_nothing_and_matches_training_forward():
+@pytest.mark.parametrize("chunk_bytes", [8 << 20, 2 * 4 * 3 * 10 * 4])  # default; 2 steps of [4, 3*10] float32
+def test_inference_keeps_nothing_and_matches_training_forward(chunk_bytes, monkeypatch):
+    """CPU inference runs in chunks of INFERENCE_CHUNK_BYTES of input projection (one chunk here by
+    default, 2 steps with the small setting); the results are the training forward's."""
+    from fastbptt.ops import recurrence
+
+    monkeypatch.setattr(fastbptt.ops, "INFERENCE_CHUNK_BYTES", chunk_bytes)
+    sizes = []
+    bounds = recurrence.chunk_bounds
+    monkeypatch.setattr(recurrence, "chunk_bounds", lambda steps, size: sizes.append(size) or bounds(steps, size))
     model = fastbptt.GRU(6, 10, num_layers=2, backend="cpu", chunk_size=3)
     x = torch.randn(11, 4, 6)
     with torch.no_grad():
         assert saved_activation_bytes(lambda: model(x)) == 0
+        assert set(sizes) == {11 if chunk_bytes == 8 << 20 else 2}
         out_ng, h_ng = model(x)
     out, h = model(x)
     torch.testing.assert_close(out_ng, out.detach(), atol=1e-6, rtol=1e-5)

@@ -25,10 +25,11 @@ MAX_CHUNK_SIZE = 2**63 - 1  # the ops take it as a C++ int64
 # and the memory grows with the window: recompute keeps little more than the output.
 AUTO_KEEP_GATES_BYTES = 24 << 20
 
-# Inference keeps nothing for a backward, so its chunks only bound the input projection's buffer:
+# CPU inference keeps nothing for a backward, so its chunks only bound the input projection's buffer:
 # about this many bytes, reused by every chunk. Big enough for efficient products; small enough to
 # stay in cache from the projection to the recurrent kernel, and for the allocator to hand the same
-# memory back call after call (a fresh multi-MiB buffer per call costs a page fault per 4 KiB).
+# memory back call after call (a fresh multi-MiB buffer per call costs a page fault per 4 KiB). On a
+# GPU (a caching allocator, launches to save) inference stays one chunk.
 INFERENCE_CHUNK_BYTES = 8 << 20
 
 
@@ -146,8 +147,10 @@ def recurrent_layer(cell: str, x: Tensor, hx: Tensor, weight_ih: Tensor, weight_
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
         # inference: nothing is kept for a backward, so no gates are kept and the chunk size only sets
         # the input projection's buffer
-        row_bytes = max(1, batch * spec.num_gates * hidden * x.element_size())
-        chunk_size, recompute = max(1, min(steps, INFERENCE_CHUNK_BYTES // row_bytes)), True
+        chunk_size, recompute = steps, True
+        if x.device.type == "cpu":
+            row_bytes = max(1, batch * spec.num_gates * hidden * x.element_size())
+            chunk_size = max(1, min(steps, INFERENCE_CHUNK_BYTES // row_bytes))
     else:
         recompute = not keeps_gates(recompute, cell, steps, batch, hidden, x.dtype)
     if spec.has_cell_state:
