@@ -154,8 +154,7 @@ def path_decline(backend: str, path: str, cell: str, dtype: torch.dtype, batch: 
 @lru_cache(maxsize=None)
 def vector_isa(backend: str) -> str:
     """The vector ISA a backend's kernels run with here ("avx512", "avx2"; "" where it does not apply)."""
-    module = kernels(backend)
-    return module.packed_isa() if backend == "cpu" else ""
+    return kernels("cpu").packed_isa() if backend == "cpu" else ""
 
 
 def choose_path(backend: str, cell: str, dtype: torch.dtype, batch: int, hidden_size: int,

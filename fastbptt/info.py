@@ -77,9 +77,7 @@ def path_lines(spec: dispatch.BackendSpec, available: bool) -> list[str]:
         if reasons:
             lines.append(f"      declines: {'; '.join(sorted(reasons))}")
         if path.name == "packed":
-            from .native import packed_isa
-
-            lines.append(f"      micro-kernel ISA here: {packed_isa()}")
+            lines.append(f"      micro-kernel ISA here: {dispatch.vector_isa(spec.name)}")
         if path.name == "persistent":
             from .native import persistent_capacity
 

@@ -288,15 +288,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward_impl(const Tensor& gate
 
 // ----------------------------------------------------------------------------- ops
 
+// The kernel path of an LSTM chunk op: the packed kernels have no projection.
+StepPath lstm_step_path(c10::string_view path, const ChunkArgs& a, const std::optional<Tensor>& w_hr) {
+  const StepPath p = step_path(path, a.dtype, a.op);
+  TORCH_CHECK(!(p == StepPath::packed && w_hr.has_value()), a.op,
+              ": the packed kernels exist for LSTM without projection, but w_hr was given");
+  return p;
+}
+
 std::tuple<Tensor, Tensor> lstm_forward_chunk(const Tensor& gates_in, const Tensor& h0, const Tensor& c0,
                                               const Tensor& w_hh, const std::optional<Tensor>& w_hr,
                                               const std::optional<Tensor>& valid, const Tensor& out,
                                               const std::optional<Tensor>& gates_out, c10::string_view path) {
   const ChunkArgs a =
       check_lstm_forward_chunk(kCpuKernels, gates_in, h0, c0, w_hh, w_hr, valid, out, gates_out);
-  const StepPath p = step_path(path, a.dtype, a.op);
-  TORCH_CHECK(!(p == StepPath::packed && w_hr.has_value()), a.op,
-              ": the packed kernels exist for LSTM without projection, but w_hr was given");
+  const StepPath p = lstm_step_path(path, a, w_hr);
   Float32Compute fc(a.dtype);
   Tensor h, c;
   fc.run([&](auto zero) {
@@ -315,9 +321,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward_chunk(const Tensor& gat
                                                                c10::string_view path) {
   const ChunkArgs a =
       check_lstm_backward_chunk(kCpuKernels, gates, c0, w_hh, w_hr, grad_out, grad_h_n, grad_c_n, valid);
-  const StepPath p = step_path(path, a.dtype, a.op);
-  TORCH_CHECK(!(p == StepPath::packed && w_hr.has_value()), a.op,
-              ": the packed kernels exist for LSTM without projection, but w_hr was given");
+  const StepPath p = lstm_step_path(path, a, w_hr);
   Float32Compute fc(a.dtype);
   Tensor d_gates, dh, dc, d_w_hr;
   fc.run([&](auto zero) {

@@ -97,9 +97,7 @@ def environment(device: str) -> dict:
         "backends": {name: (dispatch.availability(name) or "available") for name in dispatch.BACKENDS},
     }
     if not dispatch.availability("cpu"):
-        from ..native import packed_isa
-
-        env["cpu_packed_isa"] = packed_isa()
+        env["cpu_packed_isa"] = dispatch.vector_isa("cpu")
     env.update(gpu_info())
     return env
 
