@@ -13,6 +13,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "cpu/common.h"
+
 #include <array>
 #include <optional>
 #include <tuple>
@@ -94,6 +96,12 @@ OptTensor folded_bias(const OptTensor& b_ih, const OptTensor& b_hh) {
 Tensor step(const Tensor& t) { return t.contiguous().unsqueeze(0); }  // [B, N] -> a one-step chunk [1, B, N]
 Tensor unwanted(const Tensor& like) { return like.new_empty({0}); }
 
+// Whether the CPU's fused cell-step kernels run this step (csrc/cpu/cell_step.cpp): the small-batch
+// path on float32 tensors they can read as they are; every other step runs the chunk kernels.
+bool fused_cpu_step(Path path, const Tensor& input, std::vector<std::optional<Tensor>> others) {
+  return path == "small-batch" && cpu::cell_step_small_f32(input, others);
+}
+
 // Gradients of the input, the weights and the biases from the gate gradients of the step
 // (d_gi: of x W_ih^T + b_ih; d_gh: of h W_hh^T + b_hh; the same tensor for RNN and LSTM), in
 // the order input, w_ih, w_hh, b_ih, b_hh; empty where the mask says no. The two bias gradients
@@ -112,6 +120,11 @@ std::vector<Tensor> parameter_grads(const Tensor& d_gi, const Tensor& d_gh, cons
 
 Tensor rnn_cell(const Tensor& input, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
                 const OptTensor& b_hh, bool relu, Path path) {
+  if (fused_cpu_step(path, input, {hx, w_ih, w_hh, b_ih, b_hh})) {
+    Tensor hy = at::empty_like(hx);
+    cpu::rnn_cell_forward_f32(input, hx, w_ih, w_hh, b_ih, b_hh, relu, hy);
+    return hy;
+  }
   const Tensor pre_in = input_projection(input, w_ih, folded_bias(b_ih, b_hh));
   const Tensor out = at::empty({1, input.size(0), hx.size(1)}, input.options());
   return rnn_forward_chunk(step(pre_in), hx.contiguous(), w_hh.contiguous(), out, relu, path);
@@ -121,6 +134,14 @@ Tensor rnn_cell(const Tensor& input, const Tensor& hx, const Tensor& w_ih, const
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_cell_backward(
     const Tensor& grad_hy, const Tensor& input, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
     const Tensor& hy, bool relu, std::array<bool, 6> output_mask, Path path) {
+  if (fused_cpu_step(path, input, {hx, w_ih, w_hh, hy})) {
+    const Tensor d = at::empty_like(hy), grad_hx = at::empty_like(hx);
+    const OptTensor grad_x = output_mask[0] ? OptTensor(at::empty_like(input)) : std::nullopt;
+    cpu::rnn_cell_backward_f32(grad_hy.contiguous(), hy, w_ih, w_hh, relu, d, grad_x, grad_hx);
+    auto g = parameter_grads(d, d, input, hx, w_ih, false, output_mask[2], output_mask[3], output_mask[4],
+                             output_mask[5]);
+    return {grad_x.value_or(unwanted(input)), output_mask[1] ? grad_hx : unwanted(hx), g[1], g[2], g[3], g[4], d};
+  }
   auto [d_pre, grad_hx] = rnn_backward_chunk(step(hy), w_hh.contiguous(), step(grad_hy), at::zeros_like(hx), relu,
                                              path);
   const Tensor d = d_pre.squeeze(0);
@@ -136,6 +157,12 @@ std::tuple<Tensor, Tensor, Tensor> gru_cell(const Tensor& input, const Tensor& h
                                             const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
                                             Path path) {
   const int64_t batch = input.size(0), hidden = hx.size(1);
+  if (fused_cpu_step(path, input, {hx, w_ih, w_hh, b_ih, b_hh})) {
+    Tensor hy = at::empty_like(hx);
+    Tensor gi = at::empty({batch, 3 * hidden}, input.options()), gh = at::empty_like(gi);
+    cpu::gru_cell_forward_f32(input, hx, w_ih, w_hh, b_ih, b_hh, hy, gi, gh);
+    return {hy, gi, gh};
+  }
   const Tensor gi = input_projection(input, w_ih, b_ih);
   const Tensor gh = at::empty({1, batch, 3 * hidden}, input.options());
   const Tensor out = at::empty({1, batch, hidden}, input.options());
@@ -147,6 +174,15 @@ std::tuple<Tensor, Tensor, Tensor> gru_cell(const Tensor& input, const Tensor& h
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_cell_backward(
     const Tensor& grad_hy, const Tensor& input, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
     const Tensor& gi, const Tensor& gh, std::array<bool, 6> output_mask, Path path) {
+  if (fused_cpu_step(path, input, {hx, w_ih, w_hh, gi, gh})) {
+    const Tensor d_in = at::empty_like(gi), d_hid = at::empty_like(gh), grad_hx = at::empty_like(hx);
+    const OptTensor grad_x = output_mask[0] ? OptTensor(at::empty_like(input)) : std::nullopt;
+    cpu::gru_cell_backward_f32(grad_hy.contiguous(), hx, gi, gh, w_ih, w_hh, d_in, d_hid, grad_x, grad_hx);
+    auto g = parameter_grads(d_in, d_hid, input, hx, w_ih, false, output_mask[2], output_mask[3], output_mask[4],
+                             output_mask[5]);
+    return {grad_x.value_or(unwanted(input)), output_mask[1] ? grad_hx : unwanted(hx), g[1], g[2], g[3], g[4],
+            d_in, d_hid};
+  }
   auto [d_gi, d_gh, grad_hx] = gru_backward_chunk(step(gi), step(gh), step(hx), w_hh.contiguous(), step(grad_hy),
                                                   at::zeros_like(hx), path);
   const Tensor d_in = d_gi.squeeze(0), d_hid = d_gh.squeeze(0);
@@ -162,6 +198,12 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell(const Tensor& input, const Tensor& 
                                              const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
                                              const OptTensor& b_hh, Path path) {
   const int64_t batch = input.size(0), hidden = cx.size(1);
+  if (fused_cpu_step(path, input, {hx, cx, w_ih, w_hh, b_ih, b_hh})) {
+    Tensor hy = at::empty_like(hx), cy = at::empty_like(cx);
+    Tensor gates = at::empty({batch, 4 * hidden}, input.options());
+    cpu::lstm_cell_forward_f32(input, hx, cx, w_ih, w_hh, b_ih, b_hh, hy, cy, gates);
+    return {hy, cy, gates};
+  }
   const Tensor gates_in = input_projection(input, w_ih, folded_bias(b_ih, b_hh));
   const Tensor gates = at::empty({1, batch, 4 * hidden}, input.options());
   const Tensor out = at::empty({1, batch, hidden}, input.options());
@@ -174,6 +216,16 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell(const Tensor& input, const Tensor& 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_cell_backward(
     const Tensor& grad_hy, const Tensor& grad_cy, const Tensor& input, const Tensor& hx, const Tensor& cx,
     const Tensor& w_ih, const Tensor& w_hh, const Tensor& gates, std::array<bool, 7> output_mask, Path path) {
+  if (fused_cpu_step(path, input, {hx, cx, w_ih, w_hh, gates})) {
+    const Tensor d = at::empty_like(gates), grad_hx = at::empty_like(hx), grad_cx = at::empty_like(cx);
+    const OptTensor grad_x = output_mask[0] ? OptTensor(at::empty_like(input)) : std::nullopt;
+    cpu::lstm_cell_backward_f32(grad_hy.contiguous(), grad_cy.contiguous(), cx, gates, w_ih, w_hh, d, grad_x, grad_hx,
+                                grad_cx);
+    auto g = parameter_grads(d, d, input, hx, w_ih, false, output_mask[3], output_mask[4], output_mask[5],
+                             output_mask[6]);
+    return {grad_x.value_or(unwanted(input)), output_mask[1] ? grad_hx : unwanted(hx),
+            output_mask[2] ? grad_cx : unwanted(cx), g[1], g[2], g[3], g[4], d};
+  }
   auto [d_gates, grad_hx, grad_cx, unused] = lstm_backward_chunk(
       step(gates), cx.contiguous(), w_hh.contiguous(), step(grad_hy), at::zeros_like(hx), grad_cy.contiguous(), path);
   const Tensor d = d_gates.squeeze(0);

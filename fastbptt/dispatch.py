@@ -47,10 +47,15 @@ class KernelPath:
     # The rule takes this path only on CPUs whose vector ISA (fastbptt.native.packed_isa) is one of
     # these (None: any)
     auto_isas: Optional[tuple[str, ...]] = None
+    # For a single cell step the rule also takes it up to this batch size on every ISA (None: the
+    # limits above only)
+    step_max_batch: Optional[int] = None
 
     def auto_for(self, batch: int, steps: Optional[int] = None, isa: str = "") -> bool:
         if steps == 1 and not self.single_step:
             return False
+        if steps == 1 and self.step_max_batch is not None and batch <= self.step_max_batch:
+            return True
         if self.auto_isas is not None and isa not in self.auto_isas:
             return False
         return batch >= self.auto_min_batch and (self.auto_max_batch is None or batch <= self.auto_max_batch)
@@ -72,11 +77,13 @@ BACKENDS: dict[str, BackendSpec] = {
     for spec in (
         BackendSpec("reference", "fastbptt.reference", ("cpu", "cuda"), "plain PyTorch, the oracle"),
         BackendSpec("cpu", "fastbptt.native", ("cpu",), "fused C++ kernels (fastbptt._C)", paths=(
-            # measured faster than MKL's single-threaded sgemv for one or two rows on AVX2 (AMD EPYC); with
-            # AVX-512 (Intel Xeon) MKL trains faster and infers as fast, so the rule leaves it to blas there
-            # (docs/cpu.md)
-            KernelPath("small-batch", "matrix-vector products parallel over W_hh, per step", auto_max_batch=2,
-                       auto_isas=("avx2",)),
+            # layers: measured faster than MKL's single-threaded sgemv for one or two rows on AVX2 (AMD
+            # EPYC); with AVX-512 (Intel Xeon) MKL trains faster and infers as fast, so the rule leaves it to
+            # blas there (docs/cpu.md). A cell step with one row runs the fused cell-step kernels, faster
+            # than MKL on both (docs/cells.md)
+            KernelPath("small-batch", "matrix-vector products parallel over W_hh, per step (a cell step: one "
+                                      "fused pass over both weights)", auto_max_batch=2, auto_isas=("avx2",),
+                       step_max_batch=1),
             # measured faster than MKL + row pass at every float32 shape with B > 2 (docs/cpu.md)
             KernelPath("packed", "W_hh packed per thread in L2, forward and backward: one parallel region per "
                                  "step (AVX-512 or AVX2 micro-kernel)", single_step=False, auto_min_batch=3),

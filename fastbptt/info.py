@@ -67,6 +67,8 @@ def path_lines(spec: dispatch.BackendSpec, available: bool) -> list[str]:
                 "any batch" if path.auto_max_batch is None else f"B <= {path.auto_max_batch}")
         if path.auto_isas and path.auto_max_batch != 0:
             when += f" on {'/'.join(path.auto_isas)}"
+        if path.step_max_batch is not None:
+            when += f" (a cell step: B <= {path.step_max_batch} anywhere)"
         lines.append(f"    {spec.name + ':' + path.name:<18} {when:<20} {path.summary}")
         if not available:
             continue

@@ -108,7 +108,7 @@ def test_hx_defaults_to_zeros(backend, cell):
                          label=f"{backend} {cell}")
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("backend", cpu_backends() + [f"{b}:small-batch" for b in cpu_backends() if b == "cpu"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_bfloat16_error_within_torch_nns_own(backend, cell):
     """bfloat16: the error against a float64 oracle is within LOWP_FACTOR x torch.nn's own."""
@@ -284,8 +284,8 @@ def test_torch_func_grad_runs_the_reference_maths(cell):
 @native
 @pytest.mark.parametrize("batch,path", [(1, "small-batch"), (2, "small-batch"), (32, "blas")])
 def test_the_rule_takes_no_per_call_packing_for_a_single_step(batch, path):
-    if path == "small-batch" and dispatch.vector_isa("cpu") != "avx2":
-        path = "blas"  # the rule leaves one or two rows to MKL on AVX-512 (fastbptt/dispatch.py)
+    if batch == 2 and dispatch.vector_isa("cpu") != "avx2":
+        path = "blas"  # one row takes the fused cell step everywhere, two only on AVX2 (fastbptt/dispatch.py)
     for cell in ("gru", "lstm"):
         assert dispatch.cell_kernel("auto", cell, "cpu", torch.float32, batch, 64) == f"cpu:{path}"
         assert dispatch.choose_path("cpu", cell, torch.float32, 32, 64) == "packed"  # layers still pack
@@ -301,6 +301,68 @@ def test_forced_kernel_paths_match_torch_nn(cell):
         x, hx = make_inputs(cell, 2, torch.float32)
         assert_close_results(run(fast, *clone_inputs(x, hx)), run(ref, x, hx), *TOLERANCES[torch.float32],
                              label=backend)
+
+
+# ----------------------------------------------------------------------------- the fused CPU cell step
+#
+# The small-batch path runs float32 steps whose tensors are contiguous on the fused cell-step kernels
+# (csrc/cpu/cell_step.cpp), everything else on the chunk kernels. Shapes that reach every block of
+# them: batch rows in pairs and alone (1, 2, 5), units in blocks of 8 and a tail (H = 70), column
+# blocks of 64 with a tail of 8 and a remainder (I = 77, H = 70).
+
+def fused_case(cell: str, batch: int, input_size: int, hidden: int, bias: bool, dtype=torch.float32):
+    ref = TORCH_CELL_MODULE_OF_CELL[cell](input_size, hidden, bias=bias, **cell_kwargs(cell)).to(dtype)
+    fast = CELL_MODULE_OF_CELL[cell](input_size, hidden, bias=bias, backend="cpu:small-batch",
+                                     **cell_kwargs(cell)).to(dtype)
+    fast.load_state_dict(ref.state_dict())
+    gen = torch.Generator().manual_seed(5)
+    leaf = lambda *shape: torch.randn(*shape, generator=gen).to(dtype).requires_grad_()
+    hx = (leaf(batch, hidden), leaf(batch, hidden)) if cell == "lstm" else leaf(batch, hidden)
+    return ref, fast, leaf(batch, input_size), hx
+
+
+@native
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("batch", [1, 2, 5])
+@pytest.mark.parametrize("input_size,hidden", [(77, 70), (3, 4)])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_fused_cell_step_matches_torch_nn(cell, batch, input_size, hidden, bias):
+    ref, fast, x, hx = fused_case(cell, batch, input_size, hidden, bias)
+    assert_close_results(run(fast, *clone_inputs(x, hx)), run(ref, x, hx), *TOLERANCES[torch.float32],
+                         label=f"{cell} B={batch}")
+
+
+@native
+@pytest.mark.parametrize("cell", CELLS)
+def test_fused_cell_step_gives_the_same_bits_on_any_thread_count(cell):
+    """Each value is one sum in a fixed order; threads only split the units and columns."""
+    _, fast, x, hx = fused_case(cell, 3, 77, 70, True)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(run(fast, *clone_inputs(x, hx)))
+            fast.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+    for key in results[0]:
+        assert torch.equal(results[0][key], results[1][key]), key
+
+
+@native
+@pytest.mark.parametrize("cell", CELLS)
+def test_the_small_batch_path_runs_what_the_fused_step_declines_on_the_chunk_kernels(cell):
+    """Non-contiguous weights take the chunk kernels (the seam), as bfloat16 does (tested below): they
+    agree with torch.nn."""
+    ref, fast, x, hx = fused_case(cell, 2, 77, 70, True)
+    lstm = cell == "lstm"
+    states = hx if lstm else (hx,)
+    weights = [p.detach().t().contiguous().t() if p.dim() == 2 else p.detach() for p in fast.parameters()]
+    assert not weights[0].is_contiguous()
+    fused = cell_step(cell, x, states[0], *weights, cx=states[1] if lstm else None, backend="cpu:small-batch")
+    expected = ref(x, hx)
+    torch.testing.assert_close(fused, expected, **dict(zip(("atol", "rtol"), TOLERANCES[torch.float32])))
 
 
 @pytest.mark.parametrize("cell", CELLS)

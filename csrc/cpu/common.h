@@ -122,6 +122,34 @@ void gru_backward_packed_f32(const Tensor& gi, const Tensor& gh, const Tensor& h
                              const Tensor& grad_out, const bool* valid, const Tensor& dh, const Tensor& d_gi,
                              const Tensor& d_gh);
 
+// ----------------------------------------------------------------------------- cell steps
+//
+// One float32 cell step for small batches, the small-batch path of the cell ops (csrc/cell_ops.cpp;
+// kernels in csrc/cpu/cell_step.cpp): x [B, I], h, c [B, H], weights as torch.nn stores them, biases
+// optional. The forward writes hy (cy) and what the backward reads (GRU: gi, gh [B, 3H]; LSTM: the
+// summed gates [B, 4H]); the backward writes the gate gradients, grad_x (when given) and grad_hx (cx).
+
+// Whether these kernels take the step: float32 on the CPU, `input` and every tensor given contiguous.
+bool cell_step_small_f32(const Tensor& input, const std::vector<std::optional<Tensor>>& others);
+void rnn_cell_forward_f32(const Tensor& x, const Tensor& h, const Tensor& w_ih, const Tensor& w_hh,
+                          const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, bool relu,
+                          const Tensor& hy);
+void gru_cell_forward_f32(const Tensor& x, const Tensor& h, const Tensor& w_ih, const Tensor& w_hh,
+                          const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, const Tensor& hy,
+                          const Tensor& gi, const Tensor& gh);
+void lstm_cell_forward_f32(const Tensor& x, const Tensor& h, const Tensor& c, const Tensor& w_ih, const Tensor& w_hh,
+                           const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh, const Tensor& hy,
+                           const Tensor& cy, const Tensor& gates);
+void rnn_cell_backward_f32(const Tensor& grad_hy, const Tensor& hy, const Tensor& w_ih, const Tensor& w_hh,
+                           bool relu, const Tensor& d_pre, const std::optional<Tensor>& grad_x,
+                           const Tensor& grad_hx);
+void gru_cell_backward_f32(const Tensor& grad_hy, const Tensor& h, const Tensor& gi, const Tensor& gh,
+                           const Tensor& w_ih, const Tensor& w_hh, const Tensor& d_gi, const Tensor& d_gh,
+                           const std::optional<Tensor>& grad_x, const Tensor& grad_hx);
+void lstm_cell_backward_f32(const Tensor& grad_hy, const Tensor& grad_cy, const Tensor& c, const Tensor& gates,
+                            const Tensor& w_ih, const Tensor& w_hh, const Tensor& d_gates,
+                            const std::optional<Tensor>& grad_x, const Tensor& grad_hx, const Tensor& grad_cx);
+
 // ----------------------------------------------------------------------------- op wrappers
 
 // What the CPU ops take (their checks: csrc/checks.h).
