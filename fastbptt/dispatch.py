@@ -79,8 +79,8 @@ BACKENDS: dict[str, BackendSpec] = {
         BackendSpec("cpu", "fastbptt.native", ("cpu",), "fused C++ kernels (fastbptt._C)", paths=(
             # layers: measured faster than MKL's single-threaded sgemv for one or two rows on AVX2 (AMD
             # EPYC); with AVX-512 (Intel Xeon) MKL trains faster and infers as fast, so the rule leaves it to
-            # blas there (docs/cpu.md). A cell step with one row runs the fused cell-step kernels, faster
-            # than MKL on both (docs/cells.md)
+            # blas there (docs/cpu.md). A cell step with one row runs the fused cell-step kernels, measured
+            # faster than MKL on the Intel Xeon too (docs/cells.md)
             KernelPath("small-batch", "matrix-vector products parallel over W_hh, per step (a cell step: one "
                                       "fused pass over both weights)", auto_max_batch=2, auto_isas=("avx2",),
                        step_max_batch=1),
