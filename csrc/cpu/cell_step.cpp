@@ -24,18 +24,8 @@ namespace fastbptt {
 namespace cpu {
 namespace {
 
-typedef float v8f __attribute__((vector_size(32), aligned(4)));  // unaligned 8-float loads/stores
-
-FASTBPTT_INLINE v8f load8(const float* p) { return *reinterpret_cast<const v8f*>(p); }
-FASTBPTT_INLINE void store8(float* p, v8f v) { *reinterpret_cast<v8f*>(p) = v; }
-FASTBPTT_INLINE float hsum(v8f v) {
-  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
-
 constexpr int64_t kUnits = 8;  // hidden units per block: the rows of a gate read together
 constexpr int64_t kCols = 64;  // columns per block of the backward products
-// Multiply-adds per parallel task: enough to pay for a fork.
-constexpr int64_t kTaskWork = 1 << 16;
 
 // ----------------------------------------------------------------------------- products
 
@@ -136,7 +126,7 @@ FASTBPTT_INLINE void nn_block(const float* __restrict__ d, const float* __restri
 }
 
 // out[b, j0:j0+nj] = base[b, ...] (or 0) + sum_n d[b, n] w[n, j0:j0+nj] for all B rows, nj <= kCols;
-// d: [B, N], w: [N, K], out and base: [B, K].
+// d: [B, N], w: [N, K], out and base: [B, K] (base may be out: each value is read before it is written).
 FASTBPTT_INLINE void mm_nn_block(const float* __restrict__ d, const float* __restrict__ w, const float* base,
                                  float* out, int64_t B, int64_t N, int64_t K, int64_t j0, int64_t nj) {
   if (nj < kCols) {  // the last columns of a ragged width: 8 at a time, then one by one
@@ -347,10 +337,11 @@ void rnn_cell_backward_f32(const Tensor& grad_hy, const Tensor& hy, const Tensor
 void gru_cell_backward_f32(const Tensor& grad_hy, const Tensor& h, const Tensor& gi, const Tensor& gh,
                            const Tensor& w_ih, const Tensor& w_hh, const Tensor& d_gi, const Tensor& d_gh,
                            const std::optional<Tensor>& grad_x, const Tensor& grad_hx) {
-  Tensor direct = at::empty_like(grad_hx);  // dL/dh' * z, the part of dL/dh that skips W_hh
+  // grad_hx first takes dL/dh' * z, the part of dL/dh that skips W_hh; the product is added in place
+  float* direct = grad_hx.data_ptr<float>();
   gru_grads_units(grad_hy.data_ptr<float>(), h.data_ptr<float>(), gi.data_ptr<float>(), gh.data_ptr<float>(),
-                  d_gi.data_ptr<float>(), d_gh.data_ptr<float>(), direct.data_ptr<float>(), h.size(0), h.size(1));
-  input_state_products(d_gi, d_gh, w_ih, w_hh, direct.data_ptr<float>(), grad_x, grad_hx);
+                  d_gi.data_ptr<float>(), d_gh.data_ptr<float>(), direct, h.size(0), h.size(1));
+  input_state_products(d_gi, d_gh, w_ih, w_hh, direct, grad_x, grad_hx);
 }
 
 void lstm_cell_backward_f32(const Tensor& grad_hy, const Tensor& grad_cy, const Tensor& c, const Tensor& gates,

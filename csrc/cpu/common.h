@@ -56,6 +56,19 @@ inline int64_t row_grain(int64_t values_per_row) {
   return grain < 1 ? 1 : grain;
 }
 
+// Multiply-adds per parallel task of the matrix-vector kernels (small_mm.cpp, cell_step.cpp):
+// enough to pay for a fork.
+constexpr int64_t kTaskWork = 1 << 16;
+
+// 8 floats, for the hand-blocked kernels (GCC vector extensions): unaligned loads and stores, and
+// the sum of the lanes in a fixed order.
+typedef float v8f __attribute__((vector_size(32), aligned(4)));
+FASTBPTT_INLINE v8f load8(const float* p) { return *reinterpret_cast<const v8f*>(p); }
+FASTBPTT_INLINE void store8(float* p, v8f v) { *reinterpret_cast<v8f*>(p) = v; }
+FASTBPTT_INLINE float hsum(v8f v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
 // valid: [C, B] bool or none -> pointer to step t's row flags (nullptr: every row valid)
 inline const bool* valid_row(const bool* valid, int64_t t, int64_t batch) {
   return valid == nullptr ? nullptr : valid + t * batch;

@@ -28,7 +28,6 @@ namespace fastbptt {
 namespace cpu {
 namespace {
 
-typedef float v8f __attribute__((vector_size(32), aligned(4)));   // unaligned 8-float loads/stores
 typedef float v16f __attribute__((vector_size(64), aligned(4)));  // unaligned 16-float loads/stores
 
 template <typename V>

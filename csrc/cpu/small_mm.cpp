@@ -10,13 +10,6 @@ namespace fastbptt {
 namespace cpu {
 namespace {
 
-typedef float v8f __attribute__((vector_size(32), aligned(4)));  // unaligned 8-float loads
-
-FASTBPTT_INLINE v8f load8(const float* p) { return *reinterpret_cast<const v8f*>(p); }
-FASTBPTT_INLINE float hsum(v8f v) {
-  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
-
 // out[b, n] = base[b * base_ld + n] + sum_k a[b, k] w[n, k] for n in [n0, n1); base may be null
 FASTBPTT_CLONES void mm_nt_rows_f32(float* out, const float* base, int64_t base_ld, const float* a,
                                     const float* w, int64_t B, int64_t N, int64_t K, int64_t n0, int64_t n1) {
@@ -66,9 +59,6 @@ FASTBPTT_CLONES void mm_nn_acc_cols_f32(float* __restrict__ dh, const float* __r
     }
   }
 }
-
-// Multiply-adds per parallel task: enough to pay for a fork.
-constexpr int64_t kTaskWork = 1 << 16;
 
 bool use_small_path(bool small_batch, const Tensor& a, const Tensor& w) {
   return small_batch && a.scalar_type() == at::kFloat && a.is_contiguous() && w.is_contiguous();
