@@ -37,7 +37,7 @@ def ext_modules_and_cmdclass():
                          f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})")
     build_cuda = have_cuda and want != "0"
 
-    sources = ["csrc/ops.cpp", "csrc/cell_ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/cell_ops.cpp", "csrc/cell_chain.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -fno-math-errno/-fno-trapping-math (torch's own flags) let the fused row loops in
     # csrc/cpu vectorize; no -march: AVX2 clones are picked at load time (csrc/cpu/common.h)
     # -fopenmp: at::parallel_for is a header-only `#pragma omp parallel`, so without it every

@@ -63,6 +63,16 @@ namespace fastbptt {
 namespace cpu {
 std::string packed_isa_name();
 }  // namespace cpu
+
+// csrc/cell_chain.cpp: a cell step in eager mode, the steps of a loop forming chains in training
+torch::autograd::variable_list cell_step(const std::string& cell, const std::string& path,
+                                         const at::Tensor& input, const at::Tensor& hx,
+                                         const std::optional<at::Tensor>& cx, const at::Tensor& w_ih,
+                                         const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                                         const std::optional<at::Tensor>& b_hh);
+std::optional<std::tuple<int64_t, int64_t>> cell_chain_info(const at::Tensor& state);
+void set_cell_double_backward(pybind11::object fn);
+int64_t cell_chain_rows();
 }  // namespace fastbptt
 
 #ifdef FASTBPTT_WITH_CUDA
@@ -81,6 +91,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_packed_isa", &fastbptt::cpu::packed_isa_name,
         "The vector ISA of the CPU packed path's kernels in this process: 'avx512' or 'avx2' "
         "(capped by ATEN_CPU_CAPABILITY like ATen's own kernels).");
+  m.def("cell_step", &fastbptt::cell_step, pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "One eager step of a cell (rnn_tanh, rnn_relu, gru, lstm) on a kernel path, a step of a chain in training: "
+        "(cell, path, input, hx, cx, w_ih, w_hh, b_ih, b_hh) -> [hy] or [hy, cy] (fastbptt/ops/cell.py).");
+  m.def("cell_chain_info", &fastbptt::cell_chain_info,
+        "(an id of the chain whose step produced the state, how many backward passes its tape holds), or None.");
+  m.def("set_cell_double_backward", &fastbptt::set_cell_double_backward,
+        "Registers the differentiable backward of a cell step, for backward passes with create_graph.");
+  m.attr("cell_chain_rows") = fastbptt::cell_chain_rows();
 #ifdef FASTBPTT_WITH_CUDA
   m.attr("with_cuda") = true;
   // Read by the backend registry (fastbptt/native.py) to decide and report the kernel path.

@@ -1,4 +1,4 @@
-"""Chains of cell steps (fastbptt/ops/cell.py): in eager training the steps of a cell loop read
+"""Chains of cell steps (csrc/cell_chain.cpp): in eager training the steps of a cell loop read
 their weights through one node, and their weight gradients are summed in a few products when
 autograd reaches it. Every way a program can run backward over such a loop must give torch.nn's
 gradients: one pass, repeated passes (retain_graph), part of the graph, some weights frozen,
@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastbptt import native
 from fastbptt.nn import CELL_MODULE_OF_CELL, TORCH_CELL_MODULE_OF_CELL, cell_kwargs
-from fastbptt.ops import cell as cell_ops
-from test_cell_modules import CELLS, INPUT, HIDDEN, native
+from test_cell_modules import CELLS, INPUT, HIDDEN, native as needs_native
 
-pytestmark = native
+pytestmark = needs_native
 STEPS, BATCH = 7, 3
 
 
@@ -24,10 +24,10 @@ def make_pair(cell: str, dtype=torch.float64, bias: bool = True, backend: str = 
     return ref, fast
 
 
-def inputs(batch=BATCH, dtype=torch.float64):
+def inputs(batch=BATCH, dtype=torch.float64, steps=STEPS):
     gen = torch.Generator().manual_seed(1)
     lead = () if batch is None else (batch,)
-    return torch.randn(STEPS, *lead, INPUT, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    return torch.randn(steps, *lead, INPUT, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
 
 
 def loop(module, xs, state=None):
@@ -49,8 +49,14 @@ def grads_of(module, xs):
 
 
 def chain_of(state):
-    h = state[0] if isinstance(state, tuple) else state
-    return (h if h._base is None else h._base).grad_fn.chain
+    """An id of the chain whose step produced ``state``; None when no chain step did."""
+    info = native._C.cell_chain_info(state[0] if isinstance(state, tuple) else state)
+    return None if info is None else info[0]
+
+
+def passes_held(state) -> int:
+    """How many backward passes the tape of ``state``'s chain holds sums of."""
+    return native._C.cell_chain_info(state[0] if isinstance(state, tuple) else state)[1]
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -67,22 +73,23 @@ def test_a_loop_is_one_chain_with_torch_nns_gradients(cell, batch, bias):
             state = module(x_t, state)
             outs.append(state[0] if isinstance(state, tuple) else state)
             if module is fast:
-                chains.add(id(chain_of(state)))
+                chains.add(chain_of(state))
         weighted(torch.stack(outs)).backward()
         results.append(grads_of(module, xs))
-    assert len(chains) == 1   # every step, the first included, reads the weights through one node
+    assert len(chains) == 1 and None not in chains   # every step, the first included, reads the weights through one node
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
-def test_many_steps_sum_in_several_products_like_one(cell, monkeypatch):
-    """Fewer rows per product than the loop has: several partial sums, the same gradients."""
-    monkeypatch.setattr(cell_ops._Tape, "rows", 2 * BATCH)
+def test_many_steps_sum_in_several_products_like_one(cell):
+    """More rows than one product takes: several partial sums (the last one short), the same gradients."""
+    batch = 48
+    steps = 2 * native._C.cell_chain_rows // batch + 2
     ref, fast = make_pair(cell)
     results = []
     for module in (ref, fast):
-        xs = inputs()
+        xs = inputs(batch, steps=steps)
         weighted(loop(module, xs)[0]).backward()
         results.append(grads_of(module, xs))
     for got, want in zip(results[1], results[0]):
@@ -105,7 +112,7 @@ def test_repeated_and_partial_backward_passes(cell):
         (grad_w_hh,) = torch.autograd.grad(2 * loss, [module.weight_hh])
         results.append(grads_of(module, xs) + [grad_x, grad_w_hh])
         if module is fast:
-            assert chain_of(state).tape.pending == {}
+            assert passes_held(state) == 0
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want)
 
@@ -167,12 +174,12 @@ def test_a_chain_ends_where_its_weights_or_its_state_change(cell):
     xs = inputs()
     _, state = loop(fast, xs[:2])
     first = chain_of(state)
-    assert chain_of(fast(xs[2], state)) is first
+    assert chain_of(fast(xs[2], state)) == first
     detached = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
-    assert chain_of(fast(xs[2], detached)) is not first
+    assert chain_of(fast(xs[2], detached)) != first
     with torch.no_grad():
         fast.weight_hh.add_(0.01)
-    assert chain_of(fast(xs[2], state)) is not first
+    assert chain_of(fast(xs[2], state)) != first
     with torch.no_grad():
         out = fast(xs[2], state)
     assert (out[0] if isinstance(out, tuple) else out).grad_fn is None
@@ -209,7 +216,7 @@ def test_all_weights_frozen_input_and_state_gradients(cell):
         weighted(outs).backward()
         results.append([xs.grad, h0.grad])
         if module is fast:
-            assert chain_of(state).tape.pending == {}
+            assert passes_held(state) == 0
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want)
 
@@ -231,6 +238,6 @@ def test_gpu_chain_gradients_match_torch_nn(cell):
         loss.backward()
         results.append(grads_of(module, xs))
         if module is fast:
-            assert chain_of(state).tape.pending == {}
+            assert passes_held(state) == 0
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want)
