@@ -47,12 +47,13 @@ def _exporting() -> bool:
 def check_state_dtype_device(x: Tensor, states: tuple, weight: Tensor) -> None:
     """The states (hx, and cx for LSTM) in the input's dtype and on its device, and the parameters
     (represented by ``weight``) on that device."""
+    device = x.device
     for label, state in zip(("hx", "cx"), states):
         if state.dtype != x.dtype:
             raise RuntimeError(f"Expected {label} to have dtype {x.dtype} like the input, got {state.dtype}")
-        if state.device != x.device:
+        if state.device != device:
             raise RuntimeError(f"Expected {label} on device {x.device} like the input, got {state.device}")
-    if weight.device != x.device:
+    if weight.device != device:
         raise RuntimeError(f"Input and parameter tensors are not on the same device: input on {x.device}, "
                            f"parameters on {weight.device}")
 
@@ -286,21 +287,32 @@ class _FusedCellMixin(_Named):
                 return True
         return _exporting()
 
-    def _check_step_args(self, input: Tensor, states: tuple) -> None:
-        """torch.nn's checks, with its messages, and the dtype/device checks of the layers."""
-        if input.shape[1] != self.input_size:
-            raise RuntimeError(f"input has inconsistent input_size: got {input.shape[1]} expected {self.input_size}")
+    def _check_step_args(self, input: Tensor, states: tuple, weight: Tensor) -> None:
+        """torch.nn's checks, with its messages, and the dtype/device checks of the layers
+        (``weight``: the parameters')."""
+        batch, features = input.shape
+        if features != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {features} expected {self.input_size}")
         for label, state in enumerate(states):
-            if input.shape[0] != state.shape[0]:
-                raise RuntimeError(f"Input batch size {input.shape[0]} doesn't match hidden{label} batch size "
-                                   f"{state.shape[0]}")
-            if state.shape[1] != self.hidden_size:
-                raise RuntimeError(f"hidden{label} has inconsistent hidden_size: got {state.shape[1]}, expected "
+            shape = state.shape
+            if batch != shape[0]:
+                raise RuntimeError(f"Input batch size {batch} doesn't match hidden{label} batch size {shape[0]}")
+            if shape[1] != self.hidden_size:
+                raise RuntimeError(f"hidden{label} has inconsistent hidden_size: got {shape[1]}, expected "
                                    f"{self.hidden_size}")
-        weight = self.weight_ih
         check_state_dtype_device(input, states, weight)
         if weight.dtype != input.dtype:
             raise RuntimeError(f"Expected the parameters to have dtype {input.dtype} like the input, got {weight.dtype}")
+
+    def _weights(self) -> tuple:
+        """(weight_ih, weight_hh, bias_ih, bias_hh), read from ``_parameters``: an attribute lookup
+        per weight costs a small step as much as its kernel. The attributes where a weight is not a
+        registered parameter (parametrized with torch.nn.utils.parametrize, or replaced)."""
+        params = self._parameters
+        try:
+            return params["weight_ih"], params["weight_hh"], params["bias_ih"], params["bias_hh"]
+        except KeyError:
+            return self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
 
     def _single_state_forward(self, label: str, input: Tensor, hx: Optional[Tensor]) -> Tensor:
         """RNNCell and GRUCell: torch.nn's forward, with ``label`` in its messages."""
@@ -315,13 +327,14 @@ class _FusedCellMixin(_Named):
             hx = x.new_zeros(x.shape[0], self.hidden_size)
         elif not is_batched:
             hx = hx.unsqueeze(0)
-        self._check_step_args(x, (hx,))
         hy = self._step(cell, x, hx)
         return hy if is_batched else hy.squeeze(0)
 
     def _step(self, cell: str, input: Tensor, hx: Tensor, cx: Optional[Tensor] = None):
-        return run_cell_step(cells.SPECS[cell], input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-                             cx, self.backend)
+        """One checked step: ``input`` [B, I], ``hx`` (, ``cx``) [B, H]."""
+        weight_ih, weight_hh, bias_ih, bias_hh = self._weights()
+        self._check_step_args(input, (hx,) if cx is None else (hx, cx), weight_ih)
+        return run_cell_step(cells.SPECS[cell], input, hx, weight_ih, weight_hh, bias_ih, bias_hh, cx, self.backend)
 
 
 _CELL_EXTRA_DOC = ("Takes every argument of ``torch.nn.{name}`` plus the keyword-only ``backend`` ("
@@ -382,7 +395,6 @@ class LSTMCell(_FusedCellMixin, nn.LSTMCell):
             hx = (zeros, zeros)
         elif not is_batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
-        self._check_step_args(x, tuple(hx))
         hy, cy = self._step("lstm", x, hx[0], hx[1])
         return (hy, cy) if is_batched else (hy.squeeze(0), cy.squeeze(0))
 

@@ -406,6 +406,32 @@ def test_a_whole_model_round_trips_through_torch_load(cell):
     torch.testing.assert_close(loaded(x, hx), fast(x, hx))
 
 
+class _Scaled(nn.Module):
+    def forward(self, weight):
+        return 0.5 * weight
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_parametrized_and_substituted_weights_are_the_ones_a_step_uses(cell):
+    """The cells read their weights from the module's parameter table; a parametrized weight
+    (torch.nn.utils.parametrize) and torch.func.functional_call's substitutes must still be the ones
+    a step uses, with torch.nn's outputs and gradients."""
+    ref, fast = make_pair(cell)
+    for module in (ref, fast):
+        torch.nn.utils.parametrize.register_parametrization(module, "weight_hh", _Scaled())
+    x, hx = make_inputs(cell, 3)
+    assert_close_results(run(fast, x, hx), run(ref, *clone_inputs(x, hx)), 1e-12, 1e-10, "parametrized")
+
+    ref, fast = make_pair(cell)
+    substitutes = {name: 2 * p.detach() for name, p in ref.named_parameters()}
+    x, hx = make_inputs(cell, 3)
+    want = torch.func.functional_call(ref, substitutes, (x, hx))
+    got = torch.func.functional_call(fast, substitutes, (x, hx))
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose((got[0] if isinstance(got, tuple) else got),
+                              (fast(x, hx)[0] if cell == "lstm" else fast(x, hx)))
+
+
 def test_convert_swaps_the_cells_and_keeps_their_parameters():
     model = nn.ModuleDict({"rnn": nn.RNNCell(3, 4, nonlinearity="relu"), "gru": nn.GRUCell(3, 4),
                            "lstm": nn.LSTMCell(3, 4), "layer": nn.GRU(3, 4)})
