@@ -104,7 +104,8 @@ constexpr int64_t kTapeRows = 128;
 enum Arg { kInput, kHx, kCx, kWIh, kWHh, kBIh, kBHh, kNumArgs };
 
 // A weight's or bias's gradient summed over one backward pass, in place: float32/64 in their own
-// dtype (exact sums), float16/bfloat16 in float32, rounded once in result().
+// dtype (exact sums), float16/bfloat16 in float32, rounded once in result(). The same rule as the
+// layers' sums over chunks (fastbptt/ops/recurrence.py, _GradAccumulator).
 struct GradSum {
   Tensor like;
   bool wanted = false;

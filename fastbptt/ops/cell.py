@@ -53,7 +53,7 @@ def run_cell_step(spec: cells.CellSpec, input: Tensor, hx: Tensor, weight_ih: Te
         args = (input, hx) + ((cx,) if op.lstm else ()) + (weight_ih, weight_hh, bias_ih, bias_hh)
         output = op.forward(*args, *options)
         return output if op.is_rnn else tuple(output[:op.n_states]) if op.lstm else output[0]
-    # eager: the op, or in training a step of a chain (below), all in C++
+    # eager: the op, or in training a step of a chain (csrc/cell_chain.cpp), all in C++
     output = native._C.cell_step(cell, path, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh)
     return tuple(output) if spec.has_cell_state else output[0]
 
@@ -151,14 +151,13 @@ def _register(op: _NativeOp) -> None:
     torch.library.register_autograd(op.forward._qualified_op_name, backward, setup_context=setup_context)
 
 
-# ----------------------------------------------------------------------------- chains: deferred weight gradients
+# ----------------------------------------------------------------------------- registration
 #
 # In eager training the steps of a cell loop form chains (csrc/cell_chain.cpp): C++ autograd nodes
 # that sum a loop's weight gradients in a few products over many steps' rows, and cost a step no
-# Python frame forward or backward. A backward with create_graph runs _double_backward above.
+# Python frame in the backward. A chain's backward with create_graph calls _double_backward.
 
 _NATIVE_OPS: dict = {}   # by kernel (rnn, gru, lstm)
-
 
 if native._C is not None:
     for _kernel, _cell in (("rnn", "rnn_tanh"), ("gru", "gru"), ("lstm", "lstm")):
