@@ -17,11 +17,12 @@
 //
 // The nodes are C++ because a Python loop over a cell pays every Python frame of a step, forward
 // and backward, at every step: at one batch row that was more time than the kernels.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/extension.h>
+
+#include "op_handle.h"
 
 #include <array>
 #include <memory>
@@ -41,22 +42,18 @@ using Path = c10::string_view;
 
 // The cell ops (schemas in csrc/ops.cpp, csrc/cell_ops.cpp), called through the dispatcher so that
 // dispatch modes and tensor subclasses see them as on any other path.
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> cell_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 using Tensors7 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 using Tensors8 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 Tensor rnn_cell(const Tensor& input, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
                 const OptTensor& b_hh, bool relu, Path path) {
-  static const auto op = cell_op<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+  static const auto op = op_handle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
                                         const OptTensor&, bool, Path)>("fastbptt::rnn_cell");
   return op.call(input, hx, w_ih, w_hh, b_ih, b_hh, relu, path);
 }
 Tensors7 rnn_cell_backward(const Tensor& grad_hy, const Tensor& input, const Tensor& hx, const Tensor& w_ih,
                            const Tensor& w_hh, const Tensor& hy, bool relu, std::array<bool, 6> mask, Path path) {
-  static const auto op = cell_op<Tensors7(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+  static const auto op = op_handle<Tensors7(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                           const Tensor&, bool, std::array<bool, 6>, Path)>(
       "fastbptt::rnn_cell_backward");
   return op.call(grad_hy, input, hx, w_ih, w_hh, hy, relu, mask, path);
@@ -64,7 +61,7 @@ Tensors7 rnn_cell_backward(const Tensor& grad_hy, const Tensor& input, const Ten
 std::tuple<Tensor, Tensor, Tensor> gru_cell(const Tensor& input, const Tensor& hx, const Tensor& w_ih,
                                             const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
                                             Path path) {
-  static const auto op = cell_op<std::tuple<Tensor, Tensor, Tensor>(
+  static const auto op = op_handle<std::tuple<Tensor, Tensor, Tensor>(
       const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, Path)>(
       "fastbptt::gru_cell");
   return op.call(input, hx, w_ih, w_hh, b_ih, b_hh, path);
@@ -72,7 +69,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_cell(const Tensor& input, const Tensor& h
 Tensors8 gru_cell_backward(const Tensor& grad_hy, const Tensor& input, const Tensor& hx, const Tensor& w_ih,
                            const Tensor& w_hh, const Tensor& gi, const Tensor& gh, std::array<bool, 6> mask,
                            Path path) {
-  static const auto op = cell_op<Tensors8(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+  static const auto op = op_handle<Tensors8(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                           const Tensor&, const Tensor&, std::array<bool, 6>, Path)>(
       "fastbptt::gru_cell_backward");
   return op.call(grad_hy, input, hx, w_ih, w_hh, gi, gh, mask, path);
@@ -80,7 +77,7 @@ Tensors8 gru_cell_backward(const Tensor& grad_hy, const Tensor& input, const Ten
 std::tuple<Tensor, Tensor, Tensor> lstm_cell(const Tensor& input, const Tensor& hx, const Tensor& cx,
                                              const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
                                              const OptTensor& b_hh, Path path) {
-  static const auto op = cell_op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+  static const auto op = op_handle<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                                     const Tensor&, const Tensor&, const OptTensor&,
                                                                     const OptTensor&, Path)>("fastbptt::lstm_cell");
   return op.call(input, hx, cx, w_ih, w_hh, b_ih, b_hh, path);
@@ -88,7 +85,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_cell(const Tensor& input, const Tensor& 
 Tensors8 lstm_cell_backward(const Tensor& grad_hy, const Tensor& grad_cy, const Tensor& input, const Tensor& hx,
                             const Tensor& cx, const Tensor& w_ih, const Tensor& w_hh, const Tensor& gates,
                             std::array<bool, 7> mask, Path path) {
-  static const auto op = cell_op<Tensors8(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+  static const auto op = op_handle<Tensors8(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                           const Tensor&, const Tensor&, const Tensor&, std::array<bool, 7>, Path)>(
       "fastbptt::lstm_cell_backward");
   return op.call(grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, gates, mask, path);

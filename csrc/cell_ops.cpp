@@ -10,10 +10,10 @@
 // What the forward keeps for the backward: the gate pre-activations the chunk kernels read
 // (GRU: gi and gh, LSTM: the summed gates; the RNN's backward needs only its output).
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "cpu/common.h"
+#include "op_handle.h"
 
 #include <array>
 #include <optional>
@@ -27,28 +27,23 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 using Path = c10::string_view;
 
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> chunk_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
 // The chunk ops (csrc/ops.cpp), looked up once.
 Tensor rnn_forward_chunk(const Tensor& pre_in, const Tensor& h0, const Tensor& w_hh, const Tensor& out, bool relu,
                          Path path) {
-  static const auto op = chunk_op<Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+  static const auto op = op_handle<Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
                                          const Tensor&, bool, Path)>("fastbptt::rnn_forward_chunk");
   return op.call(pre_in, h0, w_hh, std::nullopt, out, relu, path);
 }
 std::tuple<Tensor, Tensor> rnn_backward_chunk(const Tensor& out, const Tensor& w_hh, const Tensor& grad_out,
                                               const Tensor& grad_h_n, bool relu, Path path) {
-  static const auto op = chunk_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+  static const auto op = op_handle<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                              const Tensor&, const OptTensor&, bool, Path)>(
       "fastbptt::rnn_backward_chunk");
   return op.call(out, w_hh, grad_out, grad_h_n, std::nullopt, relu, path);
 }
 Tensor gru_forward_chunk(const Tensor& gi, const Tensor& h0, const Tensor& w_hh, const OptTensor& b_hh,
                          const Tensor& out, const Tensor& gh_out, Path path) {
-  static const auto op = chunk_op<Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+  static const auto op = op_handle<Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
                                          const OptTensor&, const Tensor&, const OptTensor&, Path)>(
       "fastbptt::gru_forward_chunk");
   return op.call(gi, h0, w_hh, b_hh, std::nullopt, out, gh_out, path);
@@ -56,7 +51,7 @@ Tensor gru_forward_chunk(const Tensor& gi, const Tensor& h0, const Tensor& w_hh,
 std::tuple<Tensor, Tensor, Tensor> gru_backward_chunk(const Tensor& gi, const Tensor& gh, const Tensor& h_prev,
                                                       const Tensor& w_hh, const Tensor& grad_out,
                                                       const Tensor& grad_h_n, Path path) {
-  static const auto op = chunk_op<std::tuple<Tensor, Tensor, Tensor>(
+  static const auto op = op_handle<std::tuple<Tensor, Tensor, Tensor>(
       const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
       Path)>("fastbptt::gru_backward_chunk");
   return op.call(gi, gh, h_prev, w_hh, grad_out, grad_h_n, std::nullopt, path);
@@ -64,7 +59,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_backward_chunk(const Tensor& gi, const Te
 std::tuple<Tensor, Tensor> lstm_forward_chunk(const Tensor& gates_in, const Tensor& h0, const Tensor& c0,
                                               const Tensor& w_hh, const Tensor& out, const Tensor& gates_out,
                                               Path path) {
-  static const auto op = chunk_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+  static const auto op = op_handle<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                              const Tensor&, const OptTensor&, const OptTensor&,
                                                              const Tensor&, const OptTensor&, Path)>(
       "fastbptt::lstm_forward_chunk");
@@ -74,7 +69,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward_chunk(const Tensor& gat
                                                                const Tensor& w_hh, const Tensor& grad_out,
                                                                const Tensor& grad_h_n, const Tensor& grad_c_n,
                                                                Path path) {
-  static const auto op = chunk_op<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+  static const auto op = op_handle<std::tuple<Tensor, Tensor, Tensor, Tensor>(
       const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const Tensor&, const Tensor&,
       const OptTensor&, Path)>("fastbptt::lstm_backward_chunk");
   return op.call(gates, c0, w_hh, std::nullopt, grad_out, grad_h_n, grad_c_n, std::nullopt, path);
