@@ -50,15 +50,43 @@ class KernelPath:
     # For a single cell step the rule also takes it up to this batch size on every ISA (None: the
     # limits above only)
     step_max_batch: Optional[int] = None
+    # (H, B): for hidden sizes up to H the rule takes it from batch B up instead of auto_min_batch
+    small_hidden_min_batch: Optional[tuple[int, int]] = None
+    # It runs whole layers in inference only: no backward, no variable lengths. The rule takes it
+    # only for such a call, and forcing it for anything else raises
+    inference_only: bool = False
 
-    def auto_for(self, batch: int, steps: Optional[int] = None, isa: str = "") -> bool:
+    def auto_for(self, batch: int, steps: Optional[int] = None, isa: str = "", hidden: int = 0,
+                 inference: bool = False) -> bool:
+        if self.inference_only and not inference:
+            return False
         if steps == 1 and not self.single_step:
             return False
         if steps == 1 and self.step_max_batch is not None and batch <= self.step_max_batch:
             return True
         if self.auto_isas is not None and isa not in self.auto_isas:
             return False
-        return batch >= self.auto_min_batch and (self.auto_max_batch is None or batch <= self.auto_max_batch)
+        min_batch = self.auto_min_batch
+        if self.small_hidden_min_batch is not None and hidden <= self.small_hidden_min_batch[0]:
+            min_batch = min(min_batch, self.small_hidden_min_batch[1])
+        return batch >= min_batch and (self.auto_max_batch is None or batch <= self.auto_max_batch)
+
+    def rule(self) -> str:
+        """When the automatic rule takes this path, in words (``fastbptt info``)."""
+        if self.auto_max_batch == 0:
+            return "only when forced"
+        when = (f"B >= {self.auto_min_batch}" if self.auto_min_batch else
+                "any batch" if self.auto_max_batch is None else f"B <= {self.auto_max_batch}")
+        if self.small_hidden_min_batch is not None:
+            hidden, batch = self.small_hidden_min_batch
+            when += f" (B >= {batch} for H <= {hidden})"
+        if self.auto_isas:
+            when += f" on {'/'.join(self.auto_isas)}"
+        if self.inference_only:
+            when += ", inference"
+        if self.step_max_batch is not None:
+            when += f" (a cell step: B <= {self.step_max_batch} anywhere)"
+        return when
 
 
 @dataclass(frozen=True)
@@ -84,6 +112,10 @@ BACKENDS: dict[str, BackendSpec] = {
             KernelPath("small-batch", "matrix-vector products parallel over W_hh, per step (a cell step: one "
                                       "fused pass over both weights)", auto_max_batch=2, auto_isas=("avx2",),
                        step_max_batch=1),
+            # LSTM inference: measured as fast as torch.nn's oneDNN LSTM (it is the same primitive) where the
+            # packed kernels were slower, from B=32 at every H and from B=8 at H <= 256 (docs/cpu.md)
+            KernelPath("onednn", "oneDNN's fused LSTM primitive (aten::mkldnn_rnn_layer), one call per chunk",
+                       single_step=False, auto_min_batch=32, small_hidden_min_batch=(256, 8), inference_only=True),
             # measured faster than MKL + row pass at every float32 shape with B > 2 (docs/cpu.md)
             KernelPath("packed", "W_hh packed per thread in L2, forward and backward: one parallel region per "
                                  "step (AVX-512 or AVX2 micro-kernel)", single_step=False, auto_min_batch=3),
@@ -165,23 +197,30 @@ def vector_isa(backend: str) -> str:
 
 
 def choose_path(backend: str, cell: str, dtype: torch.dtype, batch: int, hidden_size: int,
-                proj_size: int = 0, steps: Optional[int] = None) -> str:
+                proj_size: int = 0, steps: Optional[int] = None, inference: Optional[bool] = None) -> str:
     """The kernel path of ``backend`` ("cpu", "cuda:persistent", ...) for one layer call (``steps=1``:
     one cell step): the path named, which must accept the case (else :class:`BackendUnavailable`
     with the reason), or the first path in :data:`BACKENDS` order whose limits and ``path_decline``
-    admit the case. '' for a backend without paths."""
+    admit the case. '' for a backend without paths.
+
+    ``inference``: True for a layer call that needs no backward and has sequences of one length, which
+    an inference-only path may take; False for any other layer call (forcing an inference-only path
+    then raises); None inside the ops, whose entry point has checked that already."""
     name, forced = split(backend)
     paths = BACKENDS[name].paths
     if forced:
         reason = path_decline(name, forced, cell, dtype, batch, hidden_size, proj_size)
+        if not reason and inference is False and next(p for p in paths if p.name == forced).inference_only:
+            reason = (f"the {forced} path runs layer inference only: no gradient (torch.no_grad() or inputs that "
+                      f"do not require grad) and sequences of one length")
         if reason:
             raise BackendUnavailable(f"fastbptt backend {backend!r} cannot run this {cell} layer "
                                      f"(B={batch}, H={hidden_size}, {dtype}): {reason}")
         return forced
     isa = vector_isa(name)
     for path in paths:
-        if path.auto_for(batch, steps, isa) and not path_decline(name, path.name, cell, dtype, batch, hidden_size,
-                                                                  proj_size):
+        if path.auto_for(batch, steps, isa, hidden_size, bool(inference)) and not path_decline(
+                name, path.name, cell, dtype, batch, hidden_size, proj_size):
             return path.name
     if paths:  # the last path takes every supported case: reaching here is a bug in a path_decline
         raise AssertionError(f"no kernel path of {name!r} takes this {cell} case (B={batch}, H={hidden_size}, "
@@ -231,6 +270,16 @@ def cell_kernel(backend: str, cell: str, device_type: str, dtype: torch.dtype, b
 def _cell_kernel(backend: str, cell: str, device_type: str, dtype: torch.dtype, batch: int, hidden_size: int) -> str:
     name = _resolve(backend, cell, device_type, dtype, hidden_size, 0)
     path = choose_path(name, cell, dtype, batch, hidden_size, 0, steps=1)
+    return f"{split(name)[0]}:{path}" if path else name
+
+
+def layer_kernel(name: str, cell: str, dtype: torch.dtype, batch: int, hidden_size: int, proj_size: int,
+                 inference: bool) -> str:
+    """The backend and kernel path ("cpu:packed", ...) that the ops run for one layer call of the resolved
+    backend ``name`` (``inference``: see :func:`choose_path`): the rule's choice, or the forced path
+    checked for this call. Raises :class:`BackendUnavailable` like :func:`choose_path`. Not cached: a path
+    may decline by a run-time setting (``torch.backends.mkldnn.enabled``)."""
+    path = choose_path(name, cell, dtype, batch, hidden_size, proj_size, inference=inference)
     return f"{split(name)[0]}:{path}" if path else name
 
 

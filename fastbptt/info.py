@@ -62,14 +62,7 @@ def path_lines(spec: dispatch.BackendSpec, available: bool) -> list[str]:
     kernel, its capacity on this GPU."""
     lines = []
     for path in spec.paths:
-        when = ("only when forced" if path.auto_max_batch == 0 else
-                f"B >= {path.auto_min_batch}" if path.auto_min_batch else
-                "any batch" if path.auto_max_batch is None else f"B <= {path.auto_max_batch}")
-        if path.auto_isas and path.auto_max_batch != 0:
-            when += f" on {'/'.join(path.auto_isas)}"
-        if path.step_max_batch is not None:
-            when += f" (a cell step: B <= {path.step_max_batch} anywhere)"
-        lines.append(f"    {spec.name + ':' + path.name:<18} {when:<20} {path.summary}")
+        lines.append(f"    {spec.name + ':' + path.name:<18} {path.rule():<20} {path.summary}")
         if not available:
             continue
         reasons = {dispatch.path_decline(spec.name, path.name, cell, dtype, 4, hidden, proj)

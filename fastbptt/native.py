@@ -134,6 +134,24 @@ def path_decline(name: str, path: str, cell: str, dtype: torch.dtype, batch: int
         return "the packed kernels exist for LSTM without projection (and for RNN and GRU)"
     if path == "persistent":
         return persistent_decline(cell, dtype, batch, hidden_size, proj_size)
+    if path == "onednn":
+        return onednn_decline(cell, dtype, proj_size)
+    return ""
+
+
+def onednn_decline(cell: str, dtype: torch.dtype, proj_size: int) -> str:
+    """Why oneDNN's LSTM primitive cannot run the case here, or ''. torch.nn's CPU LSTM runs the same
+    primitive under the same conditions, and not when the user turns oneDNN off."""
+    if cell != "lstm":
+        return "oneDNN's recurrent primitive is exposed by torch for the LSTM only"
+    if proj_size:
+        return "oneDNN's LSTM primitive has no projection (proj_size > 0)"
+    if dtype != torch.float32:
+        return f"the onednn path takes float32, not {dtype}"
+    if not torch.backends.mkldnn.is_available():
+        return "torch was built without oneDNN"
+    if not torch.backends.mkldnn.enabled:
+        return "oneDNN is turned off (torch.backends.mkldnn.enabled is False)"
     return ""
 
 
@@ -201,3 +219,23 @@ def lstm_backward(gates, c0, w_hh, w_hr, grad_out, grad_h_n, grad_c_n, valid, pa
 def _path(like: Tensor, path: str) -> str:
     """A direct call without a path (tests) runs the backend's last path, which takes every case."""
     return path or BACKENDS[like.device.type].paths[-1].name
+
+
+# mode 2 of aten::mkldnn_rnn_layer (cuDNN's numbering: RNN_RELU, RNN_TANH, LSTM, GRU)
+_ONEDNN_LSTM = 2
+
+
+def lstm_layer_chunk(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                     b_hh: Optional[Tensor], out: Tensor) -> tuple[Tensor, Tensor]:
+    """Inference of one chunk of an LSTM layer, input projection included, by oneDNN's LSTM primitive
+    (the "onednn" path; what torch.nn's CPU LSTM runs). x: [C, B, I] in processing order; h0, c0: [B, H];
+    writes out: [C, B, H]; returns (h_n, c_n)."""
+    hidden = h0.shape[-1]
+    has_bias = b_ih is not None
+    no_bias = x.new_empty(0)
+    output, h_n, c_n, _ = torch.ops.aten.mkldnn_rnn_layer(
+        x.contiguous(), w_ih.contiguous(), w_hh.contiguous(), b_ih if has_bias else no_bias,
+        b_hh if has_bias else no_bias, h0.contiguous(), c0.contiguous(), False, [], _ONEDNN_LSTM, hidden, 1,
+        has_bias, False, False, False)
+    out.copy_(output)
+    return h_n, c_n

@@ -131,3 +131,131 @@ def test_triton_forced_resident_declines_what_does_not_fit_one_tile():
 @pytest.mark.parametrize("cell", ["rnn_tanh", "gru", "lstm"])
 def test_every_triton_path_matches_torch_nn(path, cell):
     assert_parity(Case(cell=cell, packed=True, bidirectional=True), f"triton:{path}", F32)
+
+
+# ----------------------------------------------------------------------------- the onednn path (LSTM inference)
+
+@needs_cpu
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("cell,proj,dtype,batch,hidden,inference,expected", [
+    ("lstm", 0, F32, 32, 1024, True, "onednn"),   # measured: as fast as torch.nn where packed was slower
+    ("lstm", 0, F32, 8, 256, True, "onednn"),
+    ("lstm", 0, F32, 8, 257, True, "packed"),     # small batches with a large W_hh: packed was faster
+    ("lstm", 0, F32, 31, 512, True, "packed"),
+    ("lstm", 0, F32, 7, 16, True, "packed"),
+    ("lstm", 0, F32, 64, 256, False, "packed"),   # training: the onednn path has no backward
+    ("lstm", 0, F32, 64, 256, None, "packed"),    # inside the ops: the entry point pins the path
+    ("gru", 0, F32, 64, 256, True, "packed"),     # oneDNN's recurrent primitive is torch's for the LSTM only
+    ("lstm", 4, F32, 64, 256, True, "blas"),      # no projection
+    ("lstm", 0, BF16, 64, 256, True, "packed"),   # float32 only
+])
+def test_cpu_inference_rule(cell, proj, dtype, batch, hidden, inference, expected, isa, monkeypatch):
+    monkeypatch.setattr(dispatch, "vector_isa", lambda backend: isa)
+    assert dispatch.choose_path("cpu", cell, dtype, batch, hidden, proj, inference=inference) == expected
+
+
+@needs_cpu
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's flags() sets that flag too
+def test_onednn_path_follows_torch_backends_mkldnn_enabled():
+    """Turning oneDNN off turns it off for fastbptt as for torch.nn: the next path takes the call."""
+    assert dispatch.layer_kernel("cpu", "lstm", F32, 32, 64, 0, True) == "cpu:onednn"
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert dispatch.layer_kernel("cpu", "lstm", F32, 32, 64, 0, True) == "cpu:packed"
+        with pytest.raises(dispatch.BackendUnavailable, match="torch.backends.mkldnn.enabled is False"):
+            dispatch.choose_path("cpu:onednn", "lstm", F32, 32, 64)
+
+
+@needs_cpu
+@pytest.mark.parametrize("batch,grad,expected", [(33, False, "onednn"), (33, True, "packed"), (5, False, "packed")])
+def test_the_rule_runs_onednn_for_lstm_inference_only(monkeypatch, batch, grad, expected):
+    from fastbptt import native
+
+    seen = set()
+    layer_chunk = native.lstm_layer_chunk
+    monkeypatch.setattr(native, "lstm_layer_chunk", lambda *a: seen.add("onednn") or layer_chunk(*a))
+    for name in ("lstm_forward", "lstm_backward"):
+        kernel = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _k=kernel, **kw: seen.add(kw["path"]) or _k(*a, **kw))
+    model = fastbptt.LSTM(3, 5, num_layers=2, bidirectional=True)
+    with torch.set_grad_enabled(grad):
+        out, _ = model(torch.randn(4, batch, 3))
+    if grad:
+        out.sum().backward()
+    assert seen == {expected}
+
+
+@needs_cpu
+@pytest.mark.parametrize("kwargs", [dict(), dict(num_layers=2, bidirectional=True), dict(bias=False),
+                                    dict(batch_first=True), dict(num_layers=2, dropout=0.5)])
+@pytest.mark.parametrize("chunk_bytes", [8 << 20, 3 * 9 * 4 * 7 * 4])  # default; 3 steps of [9, 4*7] float32
+def test_onednn_inference_matches_torch_nn_and_the_reference(kwargs, chunk_bytes, monkeypatch):
+    """Outputs and final states of the onednn path against torch.nn (the same primitive) and the
+    reference backend, over one chunk and over chunks of 3 steps (the carried state crosses them)."""
+    monkeypatch.setattr(fastbptt.ops, "INFERENCE_CHUNK_BYTES", chunk_bytes)
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(6, 7, **kwargs).eval()
+    fast = {b: fastbptt.LSTM(6, 7, **kwargs, backend=b).eval() for b in ("cpu:onednn", "reference")}
+    for model in fast.values():
+        model.load_state_dict(ref.state_dict())
+    layers = kwargs.get("num_layers", 1) * (2 if kwargs.get("bidirectional") else 1)
+    x = torch.randn((9, 11, 6) if kwargs.get("batch_first") else (11, 9, 6))
+    state = (torch.randn(layers, 9, 7), torch.randn(layers, 9, 7))
+    with torch.no_grad():
+        expected = ref(x, state)
+        for backend, model in fast.items():
+            out, (h, c) = model(x, state)
+            tol = dict(atol=0, rtol=0) if backend == "cpu:onednn" else dict(atol=2e-6, rtol=2e-5)
+            torch.testing.assert_close(out, expected[0], **tol)
+            torch.testing.assert_close(h, expected[1][0], **tol)
+            torch.testing.assert_close(c, expected[1][1], **tol)
+
+
+@needs_cpu
+@pytest.mark.parametrize("cell,grad,packed,reason", [
+    ("lstm", True, False, "runs layer inference only"),
+    ("lstm", False, True, "runs layer inference only: .* sequences of one length"),
+    ("gru", False, False, "exposed by torch for the LSTM only"),
+])
+def test_forced_onednn_declines_what_it_cannot_run(cell, grad, packed, reason):
+    model = (fastbptt.LSTM if cell == "lstm" else fastbptt.GRU)(3, 5, backend="cpu:onednn")
+    x = torch.randn(4, 2, 3, requires_grad=grad)
+    inp = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([4, 2]), enforce_sorted=False) if packed else x
+    with pytest.raises(dispatch.BackendUnavailable, match=reason), torch.set_grad_enabled(grad):
+        model(inp)
+
+
+@needs_cpu
+def test_packed_sequences_in_inference_run_the_next_path(monkeypatch):
+    """Variable lengths are not the onednn path's: the rule gives them to the packed kernels."""
+    from fastbptt import native
+
+    seen = set()
+    kernel = native.lstm_forward
+    monkeypatch.setattr(native, "lstm_forward", lambda *a, **kw: seen.add(kw["path"]) or kernel(*a, **kw))
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(3, 5)
+    fast = fastbptt.LSTM(3, 5)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 40, 3)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.randint(1, 7, (40,)), enforce_sorted=False)
+    with torch.no_grad():
+        out_e, (h_e, c_e) = ref(packed)
+        out_a, (h_a, c_a) = fast(packed)
+    assert seen == {"packed"}
+    for a, e in ((out_a.data, out_e.data), (h_a, h_e), (c_a, c_e)):
+        torch.testing.assert_close(a, e, atol=2e-6, rtol=2e-5)
+
+
+@needs_cpu
+def test_compiled_lstm_inference_with_symbolic_sizes():
+    """Under torch.compile the ops pick their path when they run (sizes may be symbolic there)."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(4, 6)
+    fast = fastbptt.LSTM(4, 6)
+    fast.load_state_dict(ref.state_dict())
+    torch._dynamo.reset()
+    compiled = torch.compile(fast, fullgraph=True, dynamic=True)
+    with torch.no_grad(), torch._dynamo.config.patch(allow_rnn=True):
+        for batch in (33, 40):
+            x = torch.randn(5, batch, 4)
+            torch.testing.assert_close(compiled(x)[0], ref(x)[0], atol=2e-6, rtol=2e-5)

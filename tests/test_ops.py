@@ -44,6 +44,14 @@ def test_opcheck(backend, cell, recompute):
     torch.library.opcheck(op(cell), args)
 
 
+@pytest.mark.skipif("cpu" not in cpu_backends(), reason="backend 'cpu' unavailable")
+@pytest.mark.parametrize("reverse", [False, True])
+def test_opcheck_onednn_inference(reverse):
+    """The LSTM op on the inference-only onednn path (float32, no lengths, nothing requires grad)."""
+    args = op_args("lstm", "cpu:onednn", lengths=False, reverse=reverse, dtype=torch.float32, requires_grad=False)
+    torch.library.opcheck(op("lstm"), args)
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("cell,proj", [("rnn_tanh", 0), ("rnn_relu", 0), ("gru", 0), ("lstm", 0), ("lstm", 3)])
 @pytest.mark.parametrize("reverse", [False, True])

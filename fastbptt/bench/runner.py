@@ -210,7 +210,8 @@ def build_bench(case: Case, cand: Candidate, module: nn.Module, x: Tensor, grad_
         raise Unavailable(reason)
     try:  # the case itself (device, dtype, size, a forced path's capacity) may be declined
         notes["resolved_backend"] = resolved = dispatch.resolve(name, case.cell, x, case.hidden, 0)
-        notes["kernel_path"] = dispatch.choose_path(resolved, case.cell, x.dtype, case.batch, case.hidden, 0)
+        notes["kernel_path"] = dispatch.choose_path(resolved, case.cell, x.dtype, case.batch, case.hidden, 0,
+                                                    inference=case.mode == "infer")
     except dispatch.BackendUnavailable as exc:
         raise Unavailable(str(exc)) from None
     m = MODULE_OF_CELL[case.cell](case.input_size, case.hidden, **_module_kwargs(case), chunk_size=cand.chunk_size,

@@ -143,10 +143,18 @@ def recurrent_layer(cell: str, x: Tensor, hx: Tensor, weight_ih: Tensor, weight_
     tensors = (x, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
     if in_functorch_transform(tensors):
         return reference.layer(cell, x, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, reverse)
-    name = dispatch.resolve(backend, cell, x, hidden, out_size if weight_hr is not None else 0)
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
-        # inference: nothing is kept for a backward, so no gates are kept and the chunk size only sets
-        # the input projection's buffer
+    proj = out_size if weight_hr is not None else 0
+    name = dispatch.resolve(backend, cell, x, hidden, proj)
+    inference = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+    if (inference and lengths is None or ":" in name) and not torch.compiler.is_compiling():
+        # the kernel path for this call: an inference-only path may take (or, forced, must have) a call
+        # with no backward and sequences of one length. Under torch.compile (sizes may be symbolic) the
+        # ops pick the path when they run, among the paths that also train; a forced inference-only one
+        # raises in the backward there
+        name = dispatch.layer_kernel(name, cell, x.dtype, batch, hidden, proj, inference and lengths is None)
+    if inference:
+        # nothing is kept for a backward, so no gates are kept and the chunk size only sets the input
+        # projection's buffer
         chunk_size, recompute = steps, True
         if x.device.type == "cpu":
             row_bytes = max(1, batch * spec.num_gates * hidden * x.element_size())

@@ -155,8 +155,18 @@ def _forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tenso
     bounds = chunk_bounds(steps, chunk_size)
     c_chunks = x.new_empty(len(bounds), batch, hidden) if spec.has_cell_state else None
     gate_cols = spec.num_gates * hidden
-    gi_buf = x.new_empty(bounds[0][1], batch, gate_cols) if gi_store is None else None  # reused by every chunk
+    # oneDNN's LSTM primitive runs a whole chunk, input projection included (inference only: no gates
+    # kept, no variable lengths; the entry point checked that)
+    layer_chunk = dispatch.kernels(backend).lstm_layer_chunk if getattr(kern, "path", "") == "onednn" else None
+    if layer_chunk is not None and (width or valid is not None):
+        raise RuntimeError(f"fastbptt backend {backend!r} runs layer inference only (no kept gates, no lengths)")
+    gi_buf = (x.new_empty(bounds[0][1], batch, gate_cols) if gi_store is None and layer_chunk is None
+              else None)  # reused by every chunk
     for k, (s0, s1) in enumerate(bounds):
+        if layer_chunk is not None:
+            c_chunks[k] = c
+            h, c = layer_chunk(time_slice(x, s0, s1, reverse), h, c, w_ih, w_hh, b_ih, b_hh, out_p[s0:s1])
+            continue
         # the input projection of the chunk, straight into the saved gates with recompute off
         gi = gi_store[s0:s1] if gi_store is not None else gi_buf[:s1 - s0]
         linear_into(gi, time_slice(x, s0, s1, reverse), w_ih, bias)
@@ -188,6 +198,8 @@ def _backward(cell: str, grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Optional[
     steps, batch = x.shape[0], x.shape[1]
     hidden = w_hh.shape[0] // spec.num_gates
     kern = dispatch.bound_kernels(backend, cell, x.dtype, batch, hidden, 0 if w_hr is None else w_hr.shape[0])
+    if getattr(kern, "path", "") == "onednn":
+        raise RuntimeError(f"fastbptt backend {backend!r} runs layer inference only: it has no backward")
     lstm, gru = spec.has_cell_state, spec.kernel == "gru"
     want_x, want_h0 = output_mask[0], output_mask[1]
     want_c0 = output_mask[2] if lstm else False
