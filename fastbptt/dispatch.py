@@ -113,9 +113,9 @@ BACKENDS: dict[str, BackendSpec] = {
                                       "fused pass over both weights)", auto_max_batch=2, auto_isas=("avx2",),
                        step_max_batch=1),
             # LSTM inference: measured as fast as torch.nn's oneDNN LSTM (it is the same primitive) where the
-            # packed kernels were slower, from B=32 at every H and from B=8 at H <= 256 (docs/cpu.md)
+            # packed kernels were slower, from B=32 at every H and from B=8 at H <= 128 (docs/cpu.md)
             KernelPath("onednn", "oneDNN's fused LSTM primitive (aten::mkldnn_rnn_layer), one call per chunk",
-                       single_step=False, auto_min_batch=32, small_hidden_min_batch=(256, 8), inference_only=True),
+                       single_step=False, auto_min_batch=32, small_hidden_min_batch=(128, 8), inference_only=True),
             # measured faster than MKL + row pass at every float32 shape with B > 2 (docs/cpu.md)
             KernelPath("packed", "W_hh packed per thread in L2, forward and backward: one parallel region per "
                                  "step (AVX-512 or AVX2 micro-kernel)", single_step=False, auto_min_batch=3),
