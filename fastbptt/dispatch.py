@@ -231,12 +231,15 @@ def choose_path(backend: str, cell: str, dtype: torch.dtype, batch: int, hidden_
 def bound_kernels(backend: str, cell: str, dtype: torch.dtype, batch: int, hidden_size: int,
                   proj_size: int = 0):
     """The six kernel functions of ``backend`` for one layer call, bound to the kernel path
-    :func:`choose_path` picks (the module itself for a backend without paths)."""
+    :func:`choose_path` picks, with the path's name and whether it runs inference only (the module
+    itself for a backend without paths)."""
     module = kernels(backend)
     path = choose_path(backend, cell, dtype, batch, hidden_size, proj_size)
     if not path:
         return module
-    return SimpleNamespace(path=path, **{f: partial(getattr(module, f), path=path) for f in KERNEL_FUNCTIONS})
+    inference_only = next(p for p in BACKENDS[split(backend)[0]].paths if p.name == path).inference_only
+    return SimpleNamespace(path=path, inference_only=inference_only,
+                           **{f: partial(getattr(module, f), path=path) for f in KERNEL_FUNCTIONS})
 
 
 def decline_reason(name: str, cell: str, device_type: str, dtype: torch.dtype, hidden_size: int,

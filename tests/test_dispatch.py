@@ -226,6 +226,18 @@ def test_forced_onednn_declines_what_it_cannot_run(cell, grad, packed, reason):
 
 
 @needs_cpu
+def test_the_op_refuses_a_backward_on_an_inference_only_path():
+    """Called directly (not through a module, whose entry point raises first), the op runs the forward
+    and its backward refuses the inference-only path."""
+    x = torch.randn(3, 2, 4, requires_grad=True)
+    h = torch.zeros(2, 5)
+    out = torch.ops.fastbptt.lstm(x, h, h, torch.randn(20, 4), torch.randn(20, 5), None, None, None, None, False, 2,
+                                  True, "cpu:onednn")
+    with pytest.raises(RuntimeError, match="runs layer inference only: it has no backward"):
+        out[0].sum().backward()
+
+
+@needs_cpu
 def test_packed_sequences_in_inference_run_the_next_path(monkeypatch):
     """Variable lengths are not the onednn path's: the rule gives them to the packed kernels."""
     from fastbptt import native

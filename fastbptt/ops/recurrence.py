@@ -198,7 +198,7 @@ def _backward(cell: str, grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Optional[
     steps, batch = x.shape[0], x.shape[1]
     hidden = w_hh.shape[0] // spec.num_gates
     kern = dispatch.bound_kernels(backend, cell, x.dtype, batch, hidden, 0 if w_hr is None else w_hr.shape[0])
-    if getattr(kern, "path", "") == "onednn":
+    if getattr(kern, "inference_only", False):
         raise RuntimeError(f"fastbptt backend {backend!r} runs layer inference only: it has no backward")
     lstm, gru = spec.has_cell_state, spec.kernel == "gru"
     want_x, want_h0 = output_mask[0], output_mask[1]
