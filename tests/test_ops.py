@@ -9,6 +9,7 @@ import fastbptt
 from conftest import cpu_backends
 from fastbptt.bench.memory import saved_activation_bytes
 from fastbptt.nn import MODULE_OF_CELL, TORCH_MODULE_OF_CELL, cell_kwargs
+from fastbptt.ops import chunk_bounds
 from helpers import Case, assert_compile_matches_eager, assert_parity
 
 CELLS = ["rnn_tanh", "rnn_relu", "gru", "lstm"]
@@ -169,6 +170,25 @@ def test_random_shapes(cell, steps, batch, input_size, hidden, layers, bidirecti
     case = Case(cell=cell, steps=steps, batch=batch, input_size=input_size, hidden_size=hidden, num_layers=layers,
                 bidirectional=bidirectional, packed=packed, chunk_size=chunk, proj_size=proj)
     assert_parity(case, backend, torch.float64)
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.integers(1, 600), chunk=st.integers(1, 80))
+def test_chunks_are_the_fewest_of_near_equal_length(steps, chunk):
+    """A layer call runs ceil(T / chunk_size) chunks (the memory bound of full chunks), each at most
+    chunk_size steps and of equal length to within one step, the first a longest one (buffers reused by
+    every chunk are sized by it)."""
+    bounds = chunk_bounds(steps, chunk)
+    lengths = [s1 - s0 for s0, s1 in bounds]
+    assert bounds[0][0] == 0 and bounds[-1][1] == steps
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert len(bounds) == -(-steps // chunk)
+    assert max(lengths) <= chunk and max(lengths) - min(lengths) <= 1 and lengths[0] == max(lengths)
+
+
+def test_no_short_last_chunk():
+    assert chunk_bounds(35, 32) == [(0, 18), (18, 35)]
+    assert chunk_bounds(128, 32) == [(0, 32), (32, 64), (64, 96), (96, 128)]
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
