@@ -135,30 +135,70 @@ struct Slice {
 // columns of its units, for dG W_hh.
 enum class PackLayout { by_gate_rows, by_units };
 
-void pack_slice(const Slice& s, const float* w, PackLayout layout, int64_t G, int64_t H, int64_t K) {
-  if (layout == PackLayout::by_units) {  // pack[p][k][q] = W_hh[k, u0 + 16p + q]
-    for (int64_t p = 0; p < s.npan; ++p) {
-      float* dst = s.pack + p * K * kPanel;
-      const int64_t q1 = std::min<int64_t>(kPanel, s.nu - p * kPanel);
-      for (int64_t k = 0; k < K; ++k) {
-        const float* row = w + k * H + s.u0 + p * kPanel;
-        for (int64_t q = 0; q < kPanel; ++q) dst[k * kPanel + q] = q < q1 ? row[q] : 0.0f;
+// In place: column j of the 8 x 8 block r[0..7] (r[i] = row i) becomes r[j] (the AVX unpack/shuffle/
+// permute network; GCC emits the target's own shuffles for each clone).
+FASTBPTT_INLINE void transpose8(v8f r[8]) {
+  v8f t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = __builtin_shufflevector(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[j + 4] = __builtin_shufflevector(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+
+// Packing is a copy of W_hh per chunk, so it must run near memory speed: whole 64-byte panel rows
+// (by_units) and 8 x 8 register transposes (by_gate_rows) instead of one scalar store per value.
+FASTBPTT_CLONES void pack_slice(const Slice& s, const float* w, PackLayout layout, int64_t G, int64_t H,
+                                int64_t K) {
+  if (layout == PackLayout::by_units) {  // pack[p][k][q] = W_hh[k, u0 + 16p + q]: row k of W_hh in turn
+    for (int64_t k = 0; k < K; ++k) {
+      const float* row = w + k * H + s.u0;
+      for (int64_t p = 0; p < s.npan; ++p) {
+        float* __restrict__ dst = s.pack + (p * K + k) * kPanel;
+        const int64_t q1 = std::min<int64_t>(kPanel, s.nu - p * kPanel);
+        if (q1 == kPanel) {
+          store8(dst, load8(row + p * kPanel));
+          store8(dst + 8, load8(row + p * kPanel + 8));
+        } else {
+          for (int64_t q = 0; q < kPanel; ++q) dst[q] = q < q1 ? row[p * kPanel + q] : 0.0f;
+        }
       }
     }
     return;
   }
-  const int64_t ncols = G * s.nu;  // column g * nu + j: W_hh row g * H + u0 + j
+  // by_gate_rows: pack[p][k][q] = W_hh[r(16p + q), k], column col = g * nu + j being W_hh row
+  // r(col) = g * H + u0 + j (zero past the slice's G * nu columns)
+  const int64_t ncols = G * s.nu;
+  const int64_t k8 = K - K % 8;
   for (int64_t p = 0; p < s.npan; ++p) {
-    float* dst = s.pack + p * K * kPanel;
+    float* __restrict__ dst = s.pack + p * K * kPanel;
+    const float* rows[kPanel];
     for (int64_t q = 0; q < kPanel; ++q) {
       const int64_t col = p * kPanel + q;
-      if (col >= ncols) {
-        for (int64_t k = 0; k < K; ++k) dst[k * kPanel + q] = 0.0f;
-        continue;
-      }
-      const float* row = w + ((col / s.nu) * H + s.u0 + col % s.nu) * K;
-      for (int64_t k = 0; k < K; ++k) dst[k * kPanel + q] = row[k];
+      rows[q] = col < ncols ? w + ((col / s.nu) * H + s.u0 + col % s.nu) * K : nullptr;
     }
+    for (int64_t k = 0; k < k8; k += 8) {
+      for (int64_t half = 0; half < 2; ++half) {
+        v8f r[8];
+        for (int i = 0; i < 8; ++i) {
+          const float* row = rows[half * 8 + i];
+          r[i] = row != nullptr ? load8(row + k) : v8f{};
+        }
+        transpose8(r);
+        for (int i = 0; i < 8; ++i) store8(dst + (k + i) * kPanel + half * 8, r[i]);
+      }
+    }
+    for (int64_t k = k8; k < K; ++k)
+      for (int64_t q = 0; q < kPanel; ++q) dst[k * kPanel + q] = rows[q] != nullptr ? rows[q][k] : 0.0f;
   }
 }
 
