@@ -147,16 +147,18 @@ def test_small_batch_products_match_reference_kernels(name, proj, batch, masked)
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("saved", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_packed_step_forward_matches_reference_kernels(name, batch, masked, saved, threads):
+@pytest.mark.parametrize("hidden", [37, 40])
+def test_packed_step_forward_matches_reference_kernels(name, batch, masked, saved, threads, hidden):
     """float32 RNN / GRU / LSTM forward with W_hh packed per thread (csrc/cpu/packed_step.cpp): H = 37 is not a
     multiple of the 16-column panels, a thread's panel count is odd or even, and B is not a multiple of
-    the micro-kernel's rows (AVX2: 6, AVX-512: 8); with and without padding and gh_out / gates_out; the
-    blas path on the same case for comparison. test_packed_step_avx2_kernels runs this under AVX2."""
+    the micro-kernel's rows (AVX2: 6, AVX-512: 8); K = H is packed in 8 x 8 transposes and a remainder
+    (37) or transposes only (40); with and without padding and gh_out / gates_out; the blas path on the
+    same case for comparison. test_packed_step_avx2_kernels runs this under AVX2."""
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
         for path in ("packed", "blas"):
-            _, args = chunk_op_args(name, torch.float32, masked=masked, batch=batch, hidden=37, path=path)
+            _, args = chunk_op_args(name, torch.float32, masked=masked, batch=batch, hidden=hidden, path=path)
             if not saved:
                 args = args[:-2] + (None, path)
             assert_op_matches_reference_kernel(name, args, TOLERANCES[torch.float32])
