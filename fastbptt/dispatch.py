@@ -190,6 +190,16 @@ def path_decline(backend: str, path: str, cell: str, dtype: torch.dtype, batch: 
     return kernels(backend).path_decline(backend, path, cell, dtype, batch, hidden_size, proj_size)
 
 
+def path_spec(backend: str, path: str) -> KernelPath:
+    """The registry entry of kernel ``path`` of ``backend`` ("cpu", "cuda", ...)."""
+    return next(p for p in BACKENDS[backend].paths if p.name == path)
+
+
+def with_path(name: str, path: str) -> str:
+    """The name that forces kernel ``path`` of backend ``name`` ("cpu:packed"), or ``name`` for no path."""
+    return f"{split(name)[0]}:{path}" if path else name
+
+
 @lru_cache(maxsize=None)
 def vector_isa(backend: str) -> str:
     """The vector ISA a backend's kernels run with here ("avx512", "avx2"; "" where it does not apply)."""
@@ -210,7 +220,7 @@ def choose_path(backend: str, cell: str, dtype: torch.dtype, batch: int, hidden_
     paths = BACKENDS[name].paths
     if forced:
         reason = path_decline(name, forced, cell, dtype, batch, hidden_size, proj_size)
-        if not reason and inference is False and next(p for p in paths if p.name == forced).inference_only:
+        if not reason and inference is False and path_spec(name, forced).inference_only:
             reason = (f"the {forced} path runs layer inference only: no gradient (torch.no_grad() or inputs that "
                       f"do not require grad) and sequences of one length")
         if reason:
@@ -237,8 +247,7 @@ def bound_kernels(backend: str, cell: str, dtype: torch.dtype, batch: int, hidde
     path = choose_path(backend, cell, dtype, batch, hidden_size, proj_size)
     if not path:
         return module
-    inference_only = next(p for p in BACKENDS[split(backend)[0]].paths if p.name == path).inference_only
-    return SimpleNamespace(path=path, inference_only=inference_only,
+    return SimpleNamespace(path=path, inference_only=path_spec(split(backend)[0], path).inference_only,
                            **{f: partial(getattr(module, f), path=path) for f in KERNEL_FUNCTIONS})
 
 
@@ -273,7 +282,7 @@ def cell_kernel(backend: str, cell: str, device_type: str, dtype: torch.dtype, b
 def _cell_kernel(backend: str, cell: str, device_type: str, dtype: torch.dtype, batch: int, hidden_size: int) -> str:
     name = _resolve(backend, cell, device_type, dtype, hidden_size, 0)
     path = choose_path(name, cell, dtype, batch, hidden_size, 0, steps=1)
-    return f"{split(name)[0]}:{path}" if path else name
+    return with_path(name, path)
 
 
 def layer_kernel(name: str, cell: str, dtype: torch.dtype, batch: int, hidden_size: int, proj_size: int,
@@ -283,7 +292,7 @@ def layer_kernel(name: str, cell: str, dtype: torch.dtype, batch: int, hidden_si
     checked for this call. Raises :class:`BackendUnavailable` like :func:`choose_path`. Not cached: a path
     may decline by a run-time setting (``torch.backends.mkldnn.enabled``)."""
     path = choose_path(name, cell, dtype, batch, hidden_size, proj_size, inference=inference)
-    return f"{split(name)[0]}:{path}" if path else name
+    return with_path(name, path)
 
 
 @torch.compiler.assume_constant_result  # a plain lookup: torch.compile takes its result as a constant

@@ -27,7 +27,7 @@ def test_every_path_is_a_backend_choice():
 
 
 def test_persistent_is_never_chosen_automatically_until_measured():
-    persistent = next(p for p in dispatch.BACKENDS["cuda"].paths if p.name == "persistent")
+    persistent = dispatch.path_spec("cuda", "persistent")
     assert not any(persistent.auto_for(b) for b in (1, 8, 64))
 
 
