@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import time
 
 import pytest
@@ -13,7 +14,7 @@ from conftest import cpu_backends
 
 import fastbptt.reference
 from fastbptt import dispatch
-from fastbptt.bench import cli, config, report, runner
+from fastbptt.bench import cli, config, environment, report, runner
 from fastbptt.bench.config import Candidate, Case
 
 TINY = dict(device="cpu", dtype="float32", batch=2, hidden=4, input_size=3, steps=5)
@@ -394,6 +395,20 @@ def test_cli_writes_json_markdown_plots_and_compares(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(_bench_args(tmp_path, "--compare", str(tmp_path / "run.json"), str(tmp_path / "run2.json"))) == 0
     assert capsys.readouterr().out.count("| gru/train/") == 12
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="names glibc's settings")
+def test_environment_names_the_heap_allocator():
+    # the allocator's settings move torch.nn's CPU LSTM by 20-50%, so every CPU result names them
+    assert environment.allocator({}) == "glibc malloc (default settings)"
+    raised = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824", "HOME": "/x"}
+    assert environment.allocator(raised) == ("glibc malloc, MALLOC_MMAP_THRESHOLD_=1073741824, "
+                                             "MALLOC_TRIM_THRESHOLD_=1073741824")
+    preloaded = {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", **raised}
+    assert environment.allocator(preloaded) == "jemalloc (LD_PRELOAD)"
+    env = environment.environment("cpu")
+    assert env["allocator"] == environment.allocator()
+    assert env["allocator"] in environment.describe(env)
 
 
 def test_compare_reports_status_changes_and_missing_records(tmp_path):

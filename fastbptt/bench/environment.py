@@ -34,6 +34,29 @@ def cpu_capability() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
+# The heap allocator's settings. oneDNN's LSTM (torch.nn's CPU LSTM) allocates its workspace on every
+# call; under glibc's default settings a block above the mmap threshold (at most 32 MiB, raised only
+# after a larger mapped block is freed) comes as fresh pages, each faulting in on first touch. That
+# moved torch.nn's LSTM training by 20-50% on the same machine (docs/cpu.md), so a result names them.
+_GLIBC_MALLOC_ENV = ("GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_",
+                     "MALLOC_TOP_PAD_", "MALLOC_TRIM_THRESHOLD_")
+_PRELOADED_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+
+
+def allocator(environ=os.environ) -> str:
+    """The heap allocator of this process and its settings from the environment, in words:
+    "glibc malloc (default settings)", "glibc malloc, MALLOC_MMAP_THRESHOLD_=..." or the allocator
+    preloaded with LD_PRELOAD ("jemalloc (LD_PRELOAD)")."""
+    preload = environ.get("LD_PRELOAD", "")
+    for name in _PRELOADED_ALLOCATORS:
+        if name in preload:
+            return f"{name} (LD_PRELOAD)"
+    if platform.libc_ver()[0] != "glibc":
+        return "the C library's malloc"
+    settings = [f"{key}={environ[key]}" for key in _GLIBC_MALLOC_ENV if environ.get(key)]
+    return "glibc malloc, " + ", ".join(settings) if settings else "glibc malloc (default settings)"
+
+
 def _run(cmd: list[str], cwd: Path | None = None) -> str:
     try:
         return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
@@ -87,6 +110,7 @@ def environment(device: str) -> dict:
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
+        "allocator": allocator(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,
@@ -120,8 +144,11 @@ def describe(env: dict) -> str:
     where_ = where(env)
     if _on_gpu(env):
         where_ += f" (driver {env.get('gpu_driver')}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')})"
-    elif env.get("cpu_packed_isa"):
-        where_ += f", packed kernels {env['cpu_packed_isa']}"
+    else:
+        if env.get("cpu_packed_isa"):
+            where_ += f", packed kernels {env['cpu_packed_isa']}"
+        if env.get("allocator"):  # absent in older results
+            where_ += f", {env['allocator']}"
     commit = (env.get("commit") or "unknown")[:10] + ("+dirty" if env.get("dirty") else "")
     return (f"{where_}; torch {env.get('torch')}, Triton {env.get('triton')}, fastbptt {env.get('fastbptt')} "
             f"@ {commit}; {env.get('timestamp')}")
