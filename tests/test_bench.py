@@ -4,9 +4,11 @@ and comparisons."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -409,6 +411,34 @@ def test_environment_names_the_heap_allocator():
     env = environment.environment("cpu")
     assert env["allocator"] == environment.allocator()
     assert env["allocator"] in environment.describe(env)
+
+
+def _load_script(name: str):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_lstm_allocator_script_runs_onednn_per_layer_as_torch_nn():
+    script = _load_script("lstm_allocator")
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(8, 8, 2)
+    x = torch.randn(5, 3, 8, requires_grad=True)
+    grad = torch.randn(5, 3, 8)
+    results = []
+    for run in (lambda: ref(x)[0], lambda: script.onednn_stack(ref, x)):
+        for p in (*ref.parameters(), x):
+            p.grad = None
+        out = run()
+        out.backward(grad)
+        results.append([out.detach()] + [p.grad.clone() for p in (*ref.parameters(), x)])
+    for a, b in zip(*results):  # the same primitive as torch.nn's: the same numbers
+        assert torch.equal(a, b)
+    times = script.measure("2,8,5,2", 1)
+    assert set(times) == set(script.CANDIDATES) and all(t > 0 for t in times.values())
 
 
 def test_compare_reports_status_changes_and_missing_records(tmp_path):
