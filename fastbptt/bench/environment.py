@@ -37,7 +37,7 @@ def cpu_capability() -> str:
 # The heap allocator's settings. oneDNN's LSTM (torch.nn's CPU LSTM) allocates its workspace on every
 # call; under glibc's default settings a block above the mmap threshold (at most 32 MiB, raised only
 # after a larger mapped block is freed) comes as fresh pages, each faulting in on first touch. That
-# moved torch.nn's LSTM training by 20-50% on the same machine (docs/cpu.md), so a result names them.
+# moved torch.nn's LSTM training time by up to 38% on one machine (docs/cpu.md), so a result names them.
 _GLIBC_MALLOC_ENV = ("GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_",
                      "MALLOC_TOP_PAD_", "MALLOC_TRIM_THRESHOLD_")
 _PRELOADED_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
