@@ -25,10 +25,11 @@ import time
 
 import torch
 
+from fastbptt.native import ONEDNN_LSTM_MODE
+
 SHAPES = ["32,256,128,1", "8,512,256,1", "128,128,128,1", "1,1024,512,1", "20,200,35,2"]  # B,H,T,layers
 SETTINGS = {"default": {}, "raised": {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}}
 CANDIDATES = ("torch.nn", "fastbptt", "oneDNN per layer")
-_LSTM_MODE = 2  # ATen's RNN mode number of the LSTM
 
 
 class OneDNNLayer(torch.autograd.Function):
@@ -38,7 +39,8 @@ class OneDNNLayer(torch.autograd.Function):
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
         with torch.enable_grad():  # the primitive returns its workspace only with grad mode on
             out, h_n, c_n, workspace = torch.ops.aten.mkldnn_rnn_layer(
-                x, w_ih, w_hh, b_ih, b_hh, h0, c0, False, [], _LSTM_MODE, w_hh.shape[1], 1, True, False, False, True)
+                x, w_ih, w_hh, b_ih, b_hh, h0, c0, False, [], ONEDNN_LSTM_MODE, w_hh.shape[1], 1, True, False, False,
+                True)
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, h_n, c_n, workspace)
         return out, h_n, c_n
 
@@ -46,7 +48,7 @@ class OneDNNLayer(torch.autograd.Function):
     def backward(ctx, grad_out, grad_h_n, grad_c_n):
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, h_n, c_n, workspace = ctx.saved_tensors
         dx, dw_ih, dw_hh, db_ih, db_hh, dh0, dc0 = torch.ops.aten.mkldnn_rnn_layer_backward(
-            x, w_ih, w_hh, b_ih, b_hh, h0, c0, out, h_n, c_n, grad_out, grad_h_n, grad_c_n, False, _LSTM_MODE,
+            x, w_ih, w_hh, b_ih, b_hh, h0, c0, out, h_n, c_n, grad_out, grad_h_n, grad_c_n, False, ONEDNN_LSTM_MODE,
             w_hh.shape[1], 1, True, True, False, [], False, workspace)
         return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh
 
@@ -70,7 +72,8 @@ def measure(shape: str, reps: int) -> dict:
     fused.load_state_dict(ref.state_dict())
     x = torch.randn(steps, batch, hidden, requires_grad=True)
     grad = torch.randn(steps, batch, hidden)
-    calls = {"torch.nn": lambda: ref(x)[0], "fastbptt": lambda: fused(x)[0], "oneDNN per layer": lambda: onednn_stack(ref, x)}
+    calls = {"torch.nn": lambda: ref(x)[0], "fastbptt": lambda: fused(x)[0],
+             "oneDNN per layer": lambda: onednn_stack(ref, x)}
     times = {name: [] for name in calls}
     for rnd in range(reps + 2):  # 2 warm-up rounds
         for name, call in calls.items():

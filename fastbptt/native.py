@@ -221,8 +221,8 @@ def _path(like: Tensor, path: str) -> str:
     return path or BACKENDS[like.device.type].paths[-1].name
 
 
-# mode 2 of aten::mkldnn_rnn_layer (cuDNN's numbering: RNN_RELU, RNN_TANH, LSTM, GRU)
-_ONEDNN_LSTM = 2
+# mode 2 of aten::mkldnn_rnn_layer and its backward (cuDNN's numbering: RNN_RELU, RNN_TANH, LSTM, GRU)
+ONEDNN_LSTM_MODE = 2
 
 
 def lstm_layer_chunk(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
@@ -235,7 +235,7 @@ def lstm_layer_chunk(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tens
     no_bias = x.new_empty(0)
     output, h_n, c_n, _ = torch.ops.aten.mkldnn_rnn_layer(
         x.contiguous(), w_ih.contiguous(), w_hh.contiguous(), b_ih if has_bias else no_bias,
-        b_hh if has_bias else no_bias, h0.contiguous(), c0.contiguous(), False, [], _ONEDNN_LSTM, hidden, 1,
+        b_hh if has_bias else no_bias, h0.contiguous(), c0.contiguous(), False, [], ONEDNN_LSTM_MODE, hidden, 1,
         has_bias, False, False, False)
     out.copy_(output)
     return h_n, c_n
