@@ -7,6 +7,9 @@ torch.nn's *own* error against a float64 oracle, not to a fixed bound.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+from pathlib import Path
+from types import ModuleType
 from typing import Optional
 
 import torch
@@ -58,6 +61,16 @@ class Case:
         if self.proj_size:
             kw["proj_size"] = self.proj_size
         return kw
+
+
+def load_script(relative_path: str) -> ModuleType:
+    """A script of the repository that is not in a package (examples/, benchmarks/), loaded by its
+    path, e.g. ``load_script("examples/cell_tbptt.py")``."""
+    path = Path(__file__).resolve().parents[1] / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_pair(case: Case, backend: str, dtype=torch.float64, device="cpu", seed: int = 0):

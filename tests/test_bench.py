@@ -4,15 +4,14 @@ and comparisons."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import cpu_backends
+from helpers import load_script
 
 import fastbptt.reference
 from fastbptt import dispatch
@@ -413,17 +412,9 @@ def test_environment_names_the_heap_allocator():
     assert env["allocator"] in environment.describe(env)
 
 
-def _load_script(name: str):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
 def test_lstm_allocator_script_runs_onednn_per_layer_as_torch_nn():
-    script = _load_script("lstm_allocator")
+    script = load_script("benchmarks/lstm_allocator.py")
     torch.manual_seed(0)
     ref = torch.nn.LSTM(8, 8, 2)
     x = torch.randn(5, 3, 8, requires_grad=True)

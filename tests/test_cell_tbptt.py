@@ -3,9 +3,7 @@ torch.nn's do, the update gradient is exactly the truncated one (against a brute
 loss), bad k1/k2 are refused, and the command line runs."""
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,14 +13,11 @@ from torch.func import functional_call
 
 import fastbptt
 from conftest import cpu_backends
+from helpers import load_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# examples/ is not a package: load the example by path
-_spec = importlib.util.spec_from_file_location(
-    "cell_tbptt", Path(__file__).resolve().parents[1] / "examples" / "cell_tbptt.py")
-example = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(example)
+example = load_script("examples/cell_tbptt.py")
 
 CELLS = ["RNNCell", "GRUCell", "LSTMCell"]
 TINY = dict(hidden=5, batch=2, channels=2)
