@@ -164,9 +164,9 @@ def _forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tenso
     bounds = chunk_bounds(steps, chunk_size)
     c_chunks = x.new_empty(len(bounds), batch, hidden) if spec.has_cell_state else None
     gate_cols = spec.num_gates * hidden
-    # oneDNN's LSTM primitive runs a whole chunk, input projection included (inference only: no gates
-    # kept, no variable lengths; the entry point checked that)
-    layer_chunk = dispatch.kernels(backend).lstm_layer_chunk if getattr(kern, "path", "") == "onednn" else None
+    # an inference-only path (oneDNN's LSTM primitive) runs a whole chunk, input projection included (no
+    # gates kept, no variable lengths; the entry point checked that)
+    layer_chunk = dispatch.kernels(backend).lstm_layer_chunk if getattr(kern, "inference_only", False) else None
     if layer_chunk is not None and (width or valid is not None):
         raise RuntimeError(f"fastbptt backend {backend!r} runs layer inference only (no kept gates, no lengths)")
     gi_buf = (x.new_empty(bounds[0][1], batch, gate_cols) if gi_store is None and layer_chunk is None
