@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__, dispatch
+from .. import __version__, dispatch, heap
 from ..info import triton_version
 
 _REPO = Path(__file__).resolve().parents[2]
@@ -32,29 +32,6 @@ def cpu_capability() -> str:
     CPU figures differ about 2x between AVX2 and AVX-512 machines of one vendor, and the CPU model
     string alone ("AMD EPYC") often does not tell them apart."""
     return torch.backends.cpu.get_cpu_capability()
-
-
-# The heap allocator's settings. oneDNN's LSTM (torch.nn's CPU LSTM) allocates its workspace on every
-# call; under glibc's default settings a block above the mmap threshold (at most 32 MiB, raised only
-# after a larger mapped block is freed) comes as fresh pages, each faulting in on first touch. That
-# moved torch.nn's LSTM training time by up to 38% on one machine (docs/cpu.md), so a result names them.
-_GLIBC_MALLOC_ENV = ("GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_",
-                     "MALLOC_TOP_PAD_", "MALLOC_TRIM_THRESHOLD_")
-_PRELOADED_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
-
-
-def allocator(environ=os.environ) -> str:
-    """The heap allocator of this process and its settings from the environment, in words:
-    "glibc malloc (default settings)", "glibc malloc, MALLOC_MMAP_THRESHOLD_=..." or the allocator
-    preloaded with LD_PRELOAD ("jemalloc (LD_PRELOAD)")."""
-    preload = environ.get("LD_PRELOAD", "")
-    for name in _PRELOADED_ALLOCATORS:
-        if name in preload:
-            return f"{name} (LD_PRELOAD)"
-    if platform.libc_ver()[0] != "glibc":
-        return "the C library's malloc"
-    settings = [f"{key}={environ[key]}" for key in _GLIBC_MALLOC_ENV if environ.get(key)]
-    return "glibc malloc, " + ", ".join(settings) if settings else "glibc malloc (default settings)"
 
 
 def _run(cmd: list[str], cwd: Path | None = None) -> str:
@@ -110,7 +87,7 @@ def environment(device: str) -> dict:
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
-        "allocator": allocator(),
+        "allocator": heap.describe(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,
