@@ -25,6 +25,12 @@ from typing import Optional
 
 import torch
 
+from . import heap
+
+# The layer calls a whole-layer path may take (choose_path's ``call``): no backward and sequences of one
+# length; a backward, sequences of one length and the gates kept (recompute off)
+INFERENCE, TRAIN_KEEP = "inference", "training that keeps its gates"
+
 KERNEL_FUNCTIONS = ("rnn_forward", "rnn_backward", "gru_forward", "gru_backward", "lstm_forward", "lstm_backward")
 
 
@@ -52,14 +58,23 @@ class KernelPath:
     step_max_batch: Optional[int] = None
     # (H, B): for hidden sizes up to H the rule takes it from batch B up instead of auto_min_batch
     small_hidden_min_batch: Optional[tuple[int, int]] = None
-    # It runs whole layers in inference only: no backward, no variable lengths. The rule takes it
-    # only for such a call, and forcing it for anything else raises
-    inference_only: bool = False
+    # It runs a layer with sequences of one length by one primitive call per chunk (oneDNN's LSTM): in
+    # inference, or in training as one call whose kept state, in place of the gates, is the primitive's
+    # workspace, so only for a call that keeps its gates. The workspace's size is the primitive's own, which
+    # a fake kernel cannot give: the rule takes the path at the layer's entry point outside torch.compile
+    # only (calls INFERENCE and TRAIN_KEEP), never inside the ops, and forcing it for another call raises
+    whole_layer: bool = False
+    # ... and for a TRAIN_KEEP call: batches up to this size, and any batch where the heap hands a freed
+    # workspace back without page faults (fastbptt.heap.reuses_large_blocks). None: in inference only
+    train_max_batch: Optional[int] = None
 
     def auto_for(self, batch: int, steps: Optional[int] = None, isa: str = "", hidden: int = 0,
-                 inference: bool = False) -> bool:
-        if self.inference_only and not inference:
-            return False
+                 call: Optional[str] = None, heap_reuses: bool = False) -> bool:
+        if self.whole_layer:
+            if call == TRAIN_KEEP:
+                return self.train_max_batch is not None and (heap_reuses or batch <= self.train_max_batch)
+            if call != INFERENCE:
+                return False
         if steps == 1 and not self.single_step:
             return False
         if steps == 1 and self.step_max_batch is not None and batch <= self.step_max_batch:
@@ -82,8 +97,11 @@ class KernelPath:
             when += f" (B >= {batch} for H <= {hidden})"
         if self.auto_isas:
             when += f" on {'/'.join(self.auto_isas)}"
-        if self.inference_only:
+        if self.whole_layer:
             when += ", inference"
+            if self.train_max_batch is not None:
+                when += (f"; training that keeps its gates: B <= {self.train_max_batch}, any batch where the heap "
+                         f"reuses large blocks")
         if self.step_max_batch is not None:
             when += f" (a cell step: B <= {self.step_max_batch} anywhere)"
         return when
@@ -113,9 +131,14 @@ BACKENDS: dict[str, BackendSpec] = {
                                       "fused pass over both weights)", auto_max_batch=2, auto_isas=("avx2",),
                        step_max_batch=1),
             # LSTM inference: measured as fast as torch.nn's oneDNN LSTM (it is the same primitive) where the
-            # packed kernels were slower, from B=32 at every H and from B=8 at H <= 128 (docs/cpu.md)
-            KernelPath("onednn", "oneDNN's fused LSTM primitive (aten::mkldnn_rnn_layer), one call per chunk",
-                       single_step=False, auto_min_batch=32, small_hidden_min_batch=(128, 8), inference_only=True),
+            # packed kernels were slower, from B=32 at every H and from B=8 at H <= 128. LSTM training that keeps
+            # its gates: 0.92-1.01x torch.nn at every shape measured where the heap reuses large blocks (packed
+            # 0.82-0.96x), and at B=1 (1.00x; blas 0.96x); under glibc's defaults the packed kernels were ahead
+            # from B=8 (docs/cpu.md)
+            KernelPath("onednn", "oneDNN's fused LSTM primitive (aten::mkldnn_rnn_layer): inference one call per "
+                                 "chunk, training one call per layer keeping its workspace",
+                       single_step=False, auto_min_batch=32, small_hidden_min_batch=(128, 8), whole_layer=True,
+                       train_max_batch=2),
             # measured faster than MKL + row pass at every float32 shape with B > 2 (docs/cpu.md)
             KernelPath("packed", "W_hh packed per thread in L2, forward and backward: one parallel region per "
                                  "step (AVX-512 or AVX2 micro-kernel)", single_step=False, auto_min_batch=3),
@@ -206,30 +229,39 @@ def vector_isa(backend: str) -> str:
     return kernels("cpu").packed_isa() if backend == "cpu" else ""
 
 
+@lru_cache(maxsize=None)
+def heap_reuses_large_blocks() -> bool:
+    """:func:`fastbptt.heap.reuses_large_blocks` for this process: the allocator reads its settings once, at
+    start-up, so a later change to the environment changes nothing."""
+    return heap.reuses_large_blocks()
+
+
 def choose_path(backend: str, cell: str, dtype: torch.dtype, batch: int, hidden_size: int,
-                proj_size: int = 0, steps: Optional[int] = None, inference: Optional[bool] = None) -> str:
+                proj_size: int = 0, steps: Optional[int] = None, call: Optional[str] = None) -> str:
     """The kernel path of ``backend`` ("cpu", "cuda:persistent", ...) for one layer call (``steps=1``:
     one cell step): the path named, which must accept the case (else :class:`BackendUnavailable`
     with the reason), or the first path in :data:`BACKENDS` order whose limits and ``path_decline``
     admit the case. '' for a backend without paths.
 
-    ``inference``: True for a layer call that needs no backward and has sequences of one length, which
-    an inference-only path may take; False for any other layer call (forcing an inference-only path
-    then raises); None inside the ops, whose entry point has checked that already."""
+    ``call``: at a layer's entry point, INFERENCE or TRAIN_KEEP for a call a whole-layer path may take,
+    "" for any other (forcing a whole-layer path then raises); None inside the ops, whose entry point
+    has checked that already."""
     name, forced = split(backend)
     paths = BACKENDS[name].paths
     if forced:
         reason = path_decline(name, forced, cell, dtype, batch, hidden_size, proj_size)
-        if not reason and inference is False and path_spec(name, forced).inference_only:
-            reason = (f"the {forced} path runs layer inference only: no gradient (torch.no_grad() or inputs that "
-                      f"do not require grad) and sequences of one length")
+        if not reason and call == "" and path_spec(name, forced).whole_layer:
+            reason = (f"the {forced} path runs sequences of one length only, in inference (no gradient: "
+                      f"torch.no_grad() or inputs that do not require grad) or in training that keeps its "
+                      f"workspace (recompute=False or 'auto', not True)")
         if reason:
             raise BackendUnavailable(f"fastbptt backend {backend!r} cannot run this {cell} layer "
                                      f"(B={batch}, H={hidden_size}, {dtype}): {reason}")
         return forced
     isa = vector_isa(name)
+    heap_reuses = call == TRAIN_KEEP and heap_reuses_large_blocks()
     for path in paths:
-        if path.auto_for(batch, steps, isa, hidden_size, bool(inference)) and not path_decline(
+        if path.auto_for(batch, steps, isa, hidden_size, call, heap_reuses) and not path_decline(
                 name, path.name, cell, dtype, batch, hidden_size, proj_size):
             return path.name
     if paths:  # the last path takes every supported case: reaching here is a bug in a path_decline
@@ -241,13 +273,13 @@ def choose_path(backend: str, cell: str, dtype: torch.dtype, batch: int, hidden_
 def bound_kernels(backend: str, cell: str, dtype: torch.dtype, batch: int, hidden_size: int,
                   proj_size: int = 0):
     """The six kernel functions of ``backend`` for one layer call, bound to the kernel path
-    :func:`choose_path` picks, with the path's name and whether it runs inference only (the module
+    :func:`choose_path` picks, with the path's name and whether it runs whole layers (the module
     itself for a backend without paths)."""
     module = kernels(backend)
     path = choose_path(backend, cell, dtype, batch, hidden_size, proj_size)
     if not path:
         return module
-    return SimpleNamespace(path=path, inference_only=path_spec(split(backend)[0], path).inference_only,
+    return SimpleNamespace(path=path, whole_layer=path_spec(split(backend)[0], path).whole_layer,
                            **{f: partial(getattr(module, f), path=path) for f in KERNEL_FUNCTIONS})
 
 
@@ -286,13 +318,19 @@ def _cell_kernel(backend: str, cell: str, device_type: str, dtype: torch.dtype, 
 
 
 def layer_kernel(name: str, cell: str, dtype: torch.dtype, batch: int, hidden_size: int, proj_size: int,
-                 inference: bool) -> str:
+                 call: str) -> str:
     """The backend and kernel path ("cpu:packed", ...) that the ops run for one layer call of the resolved
-    backend ``name`` (``inference``: see :func:`choose_path`): the rule's choice, or the forced path
+    backend ``name`` (``call``: see :func:`choose_path`): the rule's choice, or the forced path
     checked for this call. Raises :class:`BackendUnavailable` like :func:`choose_path`. Not cached: a path
     may decline by a run-time setting (``torch.backends.mkldnn.enabled``)."""
-    path = choose_path(name, cell, dtype, batch, hidden_size, proj_size, inference=inference)
+    path = choose_path(name, cell, dtype, batch, hidden_size, proj_size, call=call)
     return with_path(name, path)
+
+
+def names_whole_layer_path(backend: str) -> bool:
+    """Whether ``backend`` ("cpu:onednn", ...) names a whole-layer kernel path."""
+    name, path = split(backend)
+    return bool(path) and path_spec(name, path).whole_layer
 
 
 @torch.compiler.assume_constant_result  # a plain lookup: torch.compile takes its result as a constant

@@ -135,17 +135,19 @@ def path_decline(name: str, path: str, cell: str, dtype: torch.dtype, batch: int
     if path == "persistent":
         return persistent_decline(cell, dtype, batch, hidden_size, proj_size)
     if path == "onednn":
-        return onednn_decline(cell, dtype, proj_size)
+        return onednn_decline(cell, dtype, batch, proj_size)
     return ""
 
 
-def onednn_decline(cell: str, dtype: torch.dtype, proj_size: int) -> str:
+def onednn_decline(cell: str, dtype: torch.dtype, batch: int, proj_size: int) -> str:
     """Why oneDNN's LSTM primitive cannot run the case here, or ''. torch.nn's CPU LSTM runs the same
     primitive under the same conditions, and not when the user turns oneDNN off."""
     if cell != "lstm":
         return "oneDNN's recurrent primitive is exposed by torch for the LSTM only"
     if proj_size:
         return "oneDNN's LSTM primitive has no projection (proj_size > 0)"
+    if batch == 0:
+        return "oneDNN's LSTM primitive takes no empty batch"
     if dtype != torch.float32:
         return f"the onednn path takes float32, not {dtype}"
     if not torch.backends.mkldnn.is_available():
@@ -225,17 +227,47 @@ def _path(like: Tensor, path: str) -> str:
 ONEDNN_LSTM_MODE = 2
 
 
+def _onednn_biases(x: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> tuple[Tensor, Tensor, bool]:
+    if b_ih is None:
+        return x.new_empty(0), x.new_empty(0), False
+    return b_ih, b_hh, True
+
+
 def lstm_layer_chunk(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                      b_hh: Optional[Tensor], out: Tensor) -> tuple[Tensor, Tensor]:
     """Inference of one chunk of an LSTM layer, input projection included, by oneDNN's LSTM primitive
     (the "onednn" path; what torch.nn's CPU LSTM runs). x: [C, B, I] in processing order; h0, c0: [B, H];
     writes out: [C, B, H]; returns (h_n, c_n)."""
-    hidden = h0.shape[-1]
-    has_bias = b_ih is not None
-    no_bias = x.new_empty(0)
+    b_ih, b_hh, has_bias = _onednn_biases(x, b_ih, b_hh)
     output, h_n, c_n, _ = torch.ops.aten.mkldnn_rnn_layer(
-        x.contiguous(), w_ih.contiguous(), w_hh.contiguous(), b_ih if has_bias else no_bias,
-        b_hh if has_bias else no_bias, h0.contiguous(), c0.contiguous(), False, [], ONEDNN_LSTM_MODE, hidden, 1,
-        has_bias, False, False, False)
+        x.contiguous(), w_ih.contiguous(), w_hh.contiguous(), b_ih, b_hh, h0.contiguous(), c0.contiguous(), False, [],
+        ONEDNN_LSTM_MODE, h0.shape[-1], 1, has_bias, False, False, False)
     out.copy_(output)
     return h_n, c_n
+
+
+def lstm_layer_train(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                     b_hh: Optional[Tensor], reverse: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The forward of a whole LSTM layer for training by oneDNN's primitive (the "onednn" path), as torch.nn's
+    CPU LSTM runs it. x: [T, B, I] in time order; h0, c0: [B, H]; ``reverse`` runs the steps from T-1 down
+    to 0. Returns (output [T, B, H] in time order, h_n, c_n, workspace): the workspace (uint8, about
+    60 bytes per step, row and hidden unit: the gates and states oneDNN's backward reads) is the kept state."""
+    b_ih, b_hh, has_bias = _onednn_biases(x, b_ih, b_hh)
+    with torch.enable_grad():  # the primitive returns its workspace only with grad mode on
+        return torch.ops.aten.mkldnn_rnn_layer(
+            x.contiguous(), w_ih.contiguous(), w_hh.contiguous(), b_ih, b_hh, h0.contiguous(), c0.contiguous(),
+            reverse, [], ONEDNN_LSTM_MODE, h0.shape[-1], 1, has_bias, False, False, True)
+
+
+def lstm_layer_backward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                        b_hh: Optional[Tensor], reverse: bool, output: Tensor, h_n: Tensor, c_n: Tensor,
+                        workspace: Tensor, grad_output: Tensor, grad_h_n: Tensor, grad_c_n: Tensor):
+    """The backward of :func:`lstm_layer_train` from its outputs and workspace. Returns the gradients of
+    (x, h0, c0, w_ih, w_hh, b_ih, b_hh), the biases' None without biases."""
+    b_ih_, b_hh_, has_bias = _onednn_biases(x, b_ih, b_hh)
+    dx, dw_ih, dw_hh, db_ih, db_hh, dh0, dc0 = torch.ops.aten.mkldnn_rnn_layer_backward(
+        x.contiguous(), w_ih.contiguous(), w_hh.contiguous(), b_ih_, b_hh_, h0.contiguous(), c0.contiguous(),
+        output.contiguous(), h_n.contiguous(), c_n.contiguous(), grad_output.contiguous(), grad_h_n.contiguous(),
+        grad_c_n.contiguous(), reverse, ONEDNN_LSTM_MODE, h0.shape[-1], 1, has_bias, True, False, [], False,
+        workspace)
+    return dx, dh0, dc0, dw_ih, dw_hh, (db_ih if has_bias else None), (db_hh if has_bias else None)

@@ -27,7 +27,7 @@ def test_unknown_cell_is_a_clear_error():
 @pytest.mark.parametrize("device", ["cpu", "meta"])
 def test_ops_keep_the_saved_width_of_the_spec(cell, recompute, device):
     """The real op and its fake kernel (meta tensors) keep [T, B, saved width] gates with recompute
-    off and nothing with it on; LSTM also keeps one cell state per chunk."""
+    off and nothing with it on; LSTM also keeps the cell state at each chunk boundary, both ends included."""
     spec = cells.SPECS[cell]
     steps, batch, inp, hidden, chunk = 7, 2, 3, 4, 3
     g = spec.num_gates * hidden
@@ -37,7 +37,7 @@ def test_ops_keep_the_saved_width_of_the_spec(cell, recompute, device):
     if spec.has_cell_state:
         out, h_n, c_n, c_chunks, gates = op(x, h0, t(batch, hidden), w_ih, w_hh, b, b, None, None, False, chunk,
                                             recompute, "reference")
-        assert c_n.shape == (batch, hidden) and c_chunks.shape == (3, batch, hidden)
+        assert c_n.shape == (batch, hidden) and c_chunks.shape == (4, batch, hidden)
     else:
         out, h_n, gates = op(x, h0, w_ih, w_hh, b, b, None, False, chunk, recompute, "reference")
     assert out.shape == (steps, batch, hidden) and h_n.shape == (batch, hidden)

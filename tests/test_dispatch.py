@@ -133,51 +133,73 @@ def test_every_triton_path_matches_torch_nn(path, cell):
     assert_parity(Case(cell=cell, packed=True, bidirectional=True), f"triton:{path}", F32)
 
 
-# ----------------------------------------------------------------------------- the onednn path (LSTM inference)
+# ----------------------------------------------------------------------------- the onednn path (LSTM, whole layers)
+
+INFER, KEEP = dispatch.INFERENCE, dispatch.TRAIN_KEEP
+
 
 @needs_cpu
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
-@pytest.mark.parametrize("cell,proj,dtype,batch,hidden,inference,expected", [
-    ("lstm", 0, F32, 32, 1024, True, "onednn"),   # measured: as fast as torch.nn where packed was slower
-    ("lstm", 0, F32, 8, 128, True, "onednn"),
-    ("lstm", 0, F32, 8, 129, True, "packed"),     # small batches with a larger W_hh: packed was faster or even
-    ("lstm", 0, F32, 20, 200, True, "packed"),
-    ("lstm", 0, F32, 31, 512, True, "packed"),
-    ("lstm", 0, F32, 7, 16, True, "packed"),
-    ("lstm", 0, F32, 64, 256, False, "packed"),   # training: the onednn path has no backward
+@pytest.mark.parametrize("heap_reuses", [False, True])
+@pytest.mark.parametrize("cell,proj,dtype,batch,hidden,call,expected", [
+    ("lstm", 0, F32, 32, 1024, INFER, "onednn"),  # measured: as fast as torch.nn where packed was slower
+    ("lstm", 0, F32, 8, 128, INFER, "onednn"),
+    ("lstm", 0, F32, 8, 129, INFER, "packed"),    # small batches with a larger W_hh: packed was faster or even
+    ("lstm", 0, F32, 20, 200, INFER, "packed"),
+    ("lstm", 0, F32, 31, 512, INFER, "packed"),
+    ("lstm", 0, F32, 7, 16, INFER, "packed"),
+    # training that keeps its gates: oneDNN's workspace, at B=1 and, where the heap hands it back without
+    # page faults, at every batch; under glibc's defaults packed was ahead from B=8
+    ("lstm", 0, F32, 1, 1024, KEEP, {"avx2": "small-batch", "avx512": "onednn"}),
+    ("lstm", 0, F32, 3, 1024, KEEP, {False: "packed", True: "onednn"}),
+    ("lstm", 0, F32, 0, 1024, KEEP, {"avx2": "small-batch", "avx512": "blas"}),  # oneDNN takes no empty batch
+    ("lstm", 0, F32, 64, 256, KEEP, {False: "packed", True: "onednn"}),
+    ("lstm", 0, F32, 64, 256, "", "packed"),      # recompute on, or variable lengths
     ("lstm", 0, F32, 64, 256, None, "packed"),    # inside the ops: the entry point pins the path
-    ("gru", 0, F32, 64, 256, True, "packed"),     # oneDNN's recurrent primitive is torch's for the LSTM only
-    ("lstm", 4, F32, 64, 256, True, "blas"),      # no projection
-    ("lstm", 0, BF16, 64, 256, True, "packed"),   # float32 only
+    ("gru", 0, F32, 64, 256, KEEP, "packed"),     # oneDNN's recurrent primitive is torch's for the LSTM only
+    ("lstm", 4, F32, 64, 256, INFER, "blas"),     # no projection
+    ("lstm", 0, BF16, 64, 256, KEEP, "packed"),   # float32 only
 ])
-def test_cpu_inference_rule(cell, proj, dtype, batch, hidden, inference, expected, isa, monkeypatch):
+def test_cpu_whole_layer_rule(cell, proj, dtype, batch, hidden, call, expected, heap_reuses, isa, monkeypatch):
     monkeypatch.setattr(dispatch, "vector_isa", lambda backend: isa)
-    assert dispatch.choose_path("cpu", cell, dtype, batch, hidden, proj, inference=inference) == expected
+    monkeypatch.setattr(dispatch, "heap_reuses_large_blocks", lambda: heap_reuses)
+    if isinstance(expected, dict):
+        expected = expected[isa] if isa in expected else expected[heap_reuses]
+    assert dispatch.choose_path("cpu", cell, dtype, batch, hidden, proj, call=call) == expected
 
 
 @needs_cpu
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's flags() sets that flag too
 def test_onednn_path_follows_torch_backends_mkldnn_enabled():
     """Turning oneDNN off turns it off for fastbptt as for torch.nn: the next path takes the call."""
-    assert dispatch.layer_kernel("cpu", "lstm", F32, 32, 64, 0, True) == "cpu:onednn"
+    assert dispatch.layer_kernel("cpu", "lstm", F32, 32, 64, 0, INFER) == "cpu:onednn"
     with torch.backends.mkldnn.flags(enabled=False):
-        assert dispatch.layer_kernel("cpu", "lstm", F32, 32, 64, 0, True) == "cpu:packed"
+        assert dispatch.layer_kernel("cpu", "lstm", F32, 32, 64, 0, INFER) == "cpu:packed"
         with pytest.raises(dispatch.BackendUnavailable, match="torch.backends.mkldnn.enabled is False"):
             dispatch.choose_path("cpu:onednn", "lstm", F32, 32, 64)
 
 
 @needs_cpu
-@pytest.mark.parametrize("batch,grad,expected", [(33, False, "onednn"), (33, True, "packed"), (5, False, "packed")])
-def test_the_rule_runs_onednn_for_lstm_inference_only(monkeypatch, batch, grad, expected):
+@pytest.mark.parametrize("batch,grad,recompute,heap_reuses,expected", [
+    (33, False, "auto", False, "onednn"),
+    (33, True, "auto", False, "packed"),
+    (33, True, "auto", True, "onednn"),
+    (33, True, False, True, "onednn"),
+    (33, True, True, True, "packed"),     # recompute: the onednn path cannot
+    (5, False, "auto", False, "packed"),
+])
+def test_the_rule_runs_onednn_for_the_calls_it_takes(monkeypatch, batch, grad, recompute, heap_reuses, expected):
     from fastbptt import native
 
+    monkeypatch.setattr(dispatch, "heap_reuses_large_blocks", lambda: heap_reuses)
     seen = set()
-    layer_chunk = native.lstm_layer_chunk
-    monkeypatch.setattr(native, "lstm_layer_chunk", lambda *a: seen.add("onednn") or layer_chunk(*a))
+    for name in ("lstm_layer_chunk", "lstm_layer_train", "lstm_layer_backward"):
+        kernel = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _k=kernel: seen.add("onednn") or _k(*a))
     for name in ("lstm_forward", "lstm_backward"):
         kernel = getattr(native, name)
         monkeypatch.setattr(native, name, lambda *a, _k=kernel, **kw: seen.add(kw["path"]) or _k(*a, **kw))
-    model = fastbptt.LSTM(3, 5, num_layers=2, bidirectional=True)
+    model = fastbptt.LSTM(3, 5, num_layers=2, bidirectional=True, recompute=recompute)
     with torch.set_grad_enabled(grad):
         out, _ = model(torch.randn(4, batch, 3))
     if grad:
@@ -212,13 +234,46 @@ def test_onednn_inference_matches_torch_nn_and_the_reference(kwargs, chunk_bytes
 
 
 @needs_cpu
-@pytest.mark.parametrize("cell,grad,packed,reason", [
-    ("lstm", True, False, "runs layer inference only"),
-    ("lstm", False, True, "runs layer inference only: .* sequences of one length"),
-    ("gru", False, False, "exposed by torch for the LSTM only"),
+@pytest.mark.parametrize("kwargs", [dict(), dict(num_layers=2, bidirectional=True), dict(bias=False),
+                                    dict(batch_first=True, num_layers=2, dropout=0.5)])
+def test_onednn_training_matches_torch_nn_bit_for_bit_and_the_reference(kwargs):
+    """Forced, the onednn path trains any LSTM without projection on sequences of one length by
+    torch.nn's own primitive: outputs, final states and every gradient equal torch.nn's exactly (the
+    same dropout masks from the same seed), and the reference's to float32 tolerance."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(6, 7, **kwargs)
+    fast = {b: fastbptt.LSTM(6, 7, **kwargs, backend=b) for b in ("cpu:onednn", "reference")}
+    for model in fast.values():
+        model.load_state_dict(ref.state_dict())
+    layers = kwargs.get("num_layers", 1) * (2 if kwargs.get("bidirectional") else 1)
+    x = torch.randn((9, 11, 6) if kwargs.get("batch_first") else (11, 9, 6), requires_grad=True)
+    h0, c0 = (torch.randn(layers, 9, 7, requires_grad=True) for _ in range(2))
+
+    def run(model):
+        torch.manual_seed(1)
+        out, (h, c) = model(x, (h0, c0))
+        grads = torch.autograd.grad((out.sin().sum() + h.square().sum() + c.cos().sum()),
+                                    (x, h0, c0, *model.parameters()))
+        return (out, h, c) + grads
+
+    expected = run(ref)
+    for backend, model in fast.items():
+        if backend == "reference" and kwargs.get("dropout"):
+            continue  # other masks: the reference draws them per layer as the modules do, torch.nn in C++
+        tol = dict(atol=0, rtol=0) if backend == "cpu:onednn" else dict(atol=2e-5, rtol=2e-5)
+        for got, want in zip(run(model), expected, strict=True):
+            torch.testing.assert_close(got, want, **tol)
+
+
+@needs_cpu
+@pytest.mark.parametrize("cell,grad,recompute,packed,reason", [
+    ("lstm", True, True, False, r"training that keeps its workspace \(recompute=False or 'auto', not True\)"),
+    ("lstm", True, "auto", True, "runs sequences of one length only"),
+    ("lstm", False, "auto", True, "runs sequences of one length only"),
+    ("gru", False, "auto", False, "exposed by torch for the LSTM only"),
 ])
-def test_forced_onednn_declines_what_it_cannot_run(cell, grad, packed, reason):
-    model = (fastbptt.LSTM if cell == "lstm" else fastbptt.GRU)(3, 5, backend="cpu:onednn")
+def test_forced_onednn_declines_what_it_cannot_run(cell, grad, recompute, packed, reason):
+    model = (fastbptt.LSTM if cell == "lstm" else fastbptt.GRU)(3, 5, backend="cpu:onednn", recompute=recompute)
     x = torch.randn(4, 2, 3, requires_grad=grad)
     inp = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([4, 2]), enforce_sorted=False) if packed else x
     with pytest.raises(dispatch.BackendUnavailable, match=reason), torch.set_grad_enabled(grad):
@@ -226,15 +281,17 @@ def test_forced_onednn_declines_what_it_cannot_run(cell, grad, packed, reason):
 
 
 @needs_cpu
-def test_the_op_refuses_a_backward_on_an_inference_only_path():
-    """Called directly (not through a module, whose entry point raises first), the op runs the forward
-    and its backward refuses the inference-only path."""
+def test_the_op_refuses_what_the_onednn_path_cannot_train():
+    """Called directly (not through a module, whose entry point raises first or sets the chunk size),
+    the op refuses a backward that would recompute, and training in more than one chunk."""
     x = torch.randn(3, 2, 4, requires_grad=True)
     h = torch.zeros(2, 5)
-    out = torch.ops.fastbptt.lstm(x, h, h, torch.randn(20, 4), torch.randn(20, 5), None, None, None, None, False, 2,
-                                  True, "cpu:onednn")
-    with pytest.raises(RuntimeError, match="runs layer inference only: it has no backward"):
+    args = (x, h, h, torch.randn(20, 4), torch.randn(20, 5), None, None, None, None, False)
+    out = torch.ops.fastbptt.lstm(*args, 2, True, "cpu:onednn")
+    with pytest.raises(RuntimeError, match=r"trains only keeping its workspace \(recompute=False\)"):
         out[0].sum().backward()
+    with pytest.raises(RuntimeError, match="trains a layer as one chunk .* got chunk_size=2 for 3 steps"):
+        torch.ops.fastbptt.lstm(*args, 2, False, "cpu:onednn")
 
 
 @needs_cpu

@@ -53,6 +53,37 @@ def test_opcheck_onednn_inference(reverse):
     torch.library.opcheck(op("lstm"), args)
 
 
+@pytest.mark.skipif("cpu" not in cpu_backends(), reason="backend 'cpu' unavailable")
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_onednn_training(reverse, bias):
+    """The LSTM op training on the onednn path: one chunk, its workspace kept (uint8, of a size the fake
+    kernel leaves symbolic) in place of the gates. oneDNN leaves the workspace's padding uninitialised,
+    so its bytes differ from call to call and opcheck's AOT test, which compares every output exactly,
+    cannot pass; test_torch_compile_trains_on_a_forced_onednn_path checks what it would."""
+    args = list(op_args("lstm", "cpu:onednn", lengths=False, reverse=reverse, dtype=torch.float32, chunk=5,
+                        recompute=False))
+    if not bias:
+        args[5] = args[6] = None
+    torch.library.opcheck(op("lstm"), tuple(args),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.skipif("cpu" not in cpu_backends(), reason="backend 'cpu' unavailable")
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gradcheck_onednn_training_float32(reverse):
+    """The onednn path runs float32 only, so its gradients are checked against finite differences
+    there, with a step and tolerances for float32."""
+    args = op_args("lstm", "cpu:onednn", steps=4, inp=3, hidden=3, lengths=False, reverse=reverse, chunk=4,
+                   recompute=False, dtype=torch.float32)
+
+    def f(*tensors):
+        return op("lstm")(*tensors, *args[len(tensors):])[:3]
+
+    tensors = tuple(a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point())
+    assert torch.autograd.gradcheck(f, tensors, eps=1e-2, atol=2e-3, rtol=2e-2, fast_mode=False)
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("cell,proj", [("rnn_tanh", 0), ("rnn_relu", 0), ("gru", 0), ("lstm", 0), ("lstm", 3)])
 @pytest.mark.parametrize("reverse", [False, True])
@@ -124,6 +155,14 @@ def test_torch_compile_fullgraph_matches_eager(backend, cell):
     model = {"gru": fastbptt.GRU, "lstm": fastbptt.LSTM}[cell](4, 6, num_layers=2, bidirectional=True,
                                                               batch_first=True, backend=backend)
     assert_compile_matches_eager(model, torch.randn(3, 7, 4, requires_grad=True))
+
+
+@pytest.mark.skipif("cpu" not in cpu_backends(), reason="backend 'cpu' unavailable")
+def test_torch_compile_trains_on_a_forced_onednn_path():
+    """Named, the onednn path trains under torch.compile too: one call per layer over more steps than a
+    chunk, its workspace of symbolic size passed from the forward to the backward."""
+    model = fastbptt.LSTM(4, 6, num_layers=2, bidirectional=True, backend="cpu:onednn")
+    assert_compile_matches_eager(model, torch.randn(40, 3, 4, requires_grad=True))
 
 
 @pytest.mark.parametrize("cell", ["rnn_tanh", "gru", "lstm"])

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .. import cells, dispatch
 from ..nn import CELL_MODULE_OF_CELL, MODULE_OF_CELL, TORCH_CELL_MODULE_OF_CELL, TORCH_MODULE_OF_CELL, cell_kwargs
+from ..ops import layer_call
 from . import timing
 from .config import Candidate, Case, Plan
 from .memory import peak_cuda_bytes, saved_activation_bytes
@@ -210,8 +211,10 @@ def build_bench(case: Case, cand: Candidate, module: nn.Module, x: Tensor, grad_
         raise Unavailable(reason)
     try:  # the case itself (device, dtype, size, a forced path's capacity) may be declined
         notes["resolved_backend"] = resolved = dispatch.resolve(name, case.cell, x, case.hidden, 0)
+        call = layer_call(case.mode == "infer", False, cand.recompute, case.cell, case.steps, case.batch, case.hidden,
+                          x.dtype)
         notes["kernel_path"] = dispatch.choose_path(resolved, case.cell, x.dtype, case.batch, case.hidden, 0,
-                                                    inference=case.mode == "infer")
+                                                    call=call)
     except dispatch.BackendUnavailable as exc:
         raise Unavailable(str(exc)) from None
     m = MODULE_OF_CELL[case.cell](case.input_size, case.hidden, **_module_kwargs(case), chunk_size=cand.chunk_size,

@@ -56,6 +56,17 @@ def keeps_gates(recompute: bool | str, cell: str, steps: int, batch: int, hidden
     return kept <= AUTO_KEEP_GATES_BYTES
 
 
+def layer_call(inference: bool, has_lengths: bool, recompute: bool | str, cell: str, steps: int, batch: int,
+               hidden: int, dtype: torch.dtype) -> str:
+    """The kind of layer call a whole-layer kernel path may take (:data:`dispatch.INFERENCE`,
+    :data:`dispatch.TRAIN_KEEP`), or '' for one it may not."""
+    if has_lengths:
+        return ""
+    if inference:
+        return dispatch.INFERENCE
+    return dispatch.TRAIN_KEEP if keeps_gates(recompute, cell, steps, batch, hidden, dtype) else ""
+
+
 def _check_tensor(name: str, t: Optional[Tensor], shape: tuple, x: Tensor) -> None:
     if t is None:
         return
@@ -146,12 +157,14 @@ def recurrent_layer(cell: str, x: Tensor, hx: Tensor, weight_ih: Tensor, weight_
     proj = out_size if weight_hr is not None else 0
     name = dispatch.resolve(backend, cell, x, hidden, proj)
     inference = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
-    if (inference and lengths is None or ":" in name) and not torch.compiler.is_compiling():
-        # the kernel path for this call: an inference-only path may take (or, forced, must have) a call
-        # with no backward and sequences of one length. Under torch.compile (sizes may be symbolic) the
-        # ops pick the path when they run, among the paths that also train; a forced inference-only one
-        # raises in the backward there
-        name = dispatch.layer_kernel(name, cell, x.dtype, batch, hidden, proj, inference and lengths is None)
+    call = layer_call(inference, lengths is not None, recompute, cell, steps, batch, hidden, x.dtype)
+    if (call or ":" in name) and not torch.compiler.is_compiling():
+        # the kernel path for this call: a whole-layer path may take (or, forced, must have) a call that
+        # layer_call names. Under torch.compile (sizes may be symbolic) the ops pick the path when they
+        # run, among the paths that run any call; a forced whole-layer one runs as named
+        name = dispatch.layer_kernel(name, cell, x.dtype, batch, hidden, proj, call)
+    if call == dispatch.TRAIN_KEEP and dispatch.names_whole_layer_path(name):
+        chunk_size, recompute = steps, False  # one call over the layer, its workspace kept
     if inference:
         # nothing is kept for a backward, so no gates are kept and the chunk size only sets the input
         # projection's buffer

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.library import Library
 
-from .. import cells, reference
+from .. import cells, dispatch, reference
 from .recurrence import _backward, _forward
 
 LIB = Library("fastbptt", "FRAGMENT")
@@ -29,17 +29,21 @@ _N_OPTIONS = 5  # lengths, reverse, chunk_size, recompute, backend: not differen
 
 
 def _fake_outputs(spec: cells.CellSpec, input: Tensor, hx: Tensor, cx: Optional[Tensor], weight_hh: Tensor,
-                  chunk_size: int, recompute: bool):
-    """Shapes only (torch.compile, meta tensors): output [T, B, P], h_n, (c_n, c_chunks [n, B, H]),
-    gates [T, B, saved width] or empty."""
+                  chunk_size: int, recompute: bool, backend: str):
+    """Shapes only (torch.compile, meta tensors): output [T, B, P], h_n, (c_n, c_chunks [n + 1, B, H]),
+    gates [T, B, saved width] or empty; a whole-layer path named in ``backend`` keeps its primitive's
+    workspace instead, uint8 of a size only the primitive knows."""
     steps, batch = input.shape[0], input.shape[1]
     hidden = weight_hh.shape[0] // spec.num_gates
     width = 0 if recompute else spec.saved_width(hidden)
     output = input.new_empty(steps, batch, hx.shape[-1])
-    gates = input.new_empty(steps, batch, width) if width else input.new_empty(0)
+    if width and dispatch.names_whole_layer_path(backend):
+        gates = input.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.uint8)
+    else:
+        gates = input.new_empty(steps, batch, width) if width else input.new_empty(0)
     if spec.has_cell_state:
         n_chunks = (steps + chunk_size - 1) // chunk_size  # = len(chunk_bounds(...)), symbolic-friendly
-        return output, torch.empty_like(hx), torch.empty_like(cx), input.new_empty(n_chunks, batch, hidden), gates
+        return output, torch.empty_like(hx), torch.empty_like(cx), input.new_empty(n_chunks + 1, batch, hidden), gates
     return output, torch.empty_like(hx), gates
 
 
@@ -118,7 +122,7 @@ def _define(cell: str) -> None:
 
         def fake_forward(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, reverse,
                          chunk_size, recompute, backend):
-            return _fake_outputs(spec, input, hx, cx, weight_hh, chunk_size, recompute)
+            return _fake_outputs(spec, input, hx, cx, weight_hh, chunk_size, recompute, backend)
 
         def fake_backward(grad_output, grad_h_n, grad_c_n, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
                           weight_hr, lengths, output, c_chunks, gates, reverse, chunk_size, recompute, backend,
@@ -138,7 +142,7 @@ def _define(cell: str) -> None:
 
         def fake_forward(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse, chunk_size, recompute,
                          backend):
-            return _fake_outputs(spec, input, hx, None, weight_hh, chunk_size, recompute)
+            return _fake_outputs(spec, input, hx, None, weight_hh, chunk_size, recompute, backend)
 
         def fake_backward(grad_output, grad_h_n, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, output,
                           gates, reverse, chunk_size, recompute, backend, output_mask):

@@ -153,6 +153,9 @@ def _forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tenso
     steps, batch, _ = x.shape
     hidden = w_hh.shape[0] // spec.num_gates
     kern = dispatch.bound_kernels(backend, cell, x.dtype, batch, hidden, 0 if w_hr is None else w_hr.shape[0])
+    whole_layer = getattr(kern, "whole_layer", False)
+    if whole_layer and not recompute:
+        return _whole_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, chunk_size, backend)
     valid = valid_mask(lengths, steps, reverse, x.device)
     out_p = x.new_empty(steps, batch, h0.shape[-1])
     width = 0 if recompute else spec.saved_width(hidden)
@@ -162,13 +165,14 @@ def _forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tenso
     w_hh, w_hr = w_hh.contiguous(), (None if w_hr is None else w_hr.contiguous())
     h, c = h0.contiguous(), (None if c0 is None else c0.contiguous())
     bounds = chunk_bounds(steps, chunk_size)
-    c_chunks = x.new_empty(len(bounds), batch, hidden) if spec.has_cell_state else None
+    # the cell state at every chunk boundary, the last one included
+    c_chunks = x.new_empty(len(bounds) + 1, batch, hidden) if spec.has_cell_state else None
     gate_cols = spec.num_gates * hidden
-    # an inference-only path (oneDNN's LSTM primitive) runs a whole chunk, input projection included (no
-    # gates kept, no variable lengths; the entry point checked that)
-    layer_chunk = dispatch.kernels(backend).lstm_layer_chunk if getattr(kern, "inference_only", False) else None
-    if layer_chunk is not None and (width or valid is not None):
-        raise RuntimeError(f"fastbptt backend {backend!r} runs layer inference only (no kept gates, no lengths)")
+    # a whole-layer path (oneDNN's LSTM primitive) without kept gates runs inference: a whole chunk per call,
+    # input projection included (no variable lengths; the entry point checked that)
+    layer_chunk = dispatch.kernels(backend).lstm_layer_chunk if whole_layer else None
+    if layer_chunk is not None and valid is not None:
+        raise RuntimeError(f"fastbptt backend {backend!r} runs layers without variable lengths only")
     gi_buf = (x.new_empty(bounds[0][1], batch, gate_cols) if gi_store is None and layer_chunk is None
               else None)  # reused by every chunk
     for k, (s0, s1) in enumerate(bounds):
@@ -190,8 +194,34 @@ def _forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tenso
             h = kern.rnn_forward(gi, h, w_hh, v, out, spec.relu)
     out = out_p.flip(0) if reverse else out_p
     if spec.has_cell_state:
+        c_chunks[-1] = c
         return out, h, c, c_chunks, gates
     return out, h, gates
+
+
+def _whole_layer_forward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                         b_hh: Optional[Tensor], lengths: Optional[Tensor], reverse: bool, chunk_size: int,
+                         backend: str):
+    """An LSTM layer trained by a whole-layer path (oneDNN's primitive): one call over all steps, its
+    workspace kept in place of the gates; c_chunks holds the layer's first and last cell states."""
+    if lengths is not None or chunk_size < x.shape[0]:
+        raise RuntimeError(f"fastbptt backend {backend!r} trains a layer as one chunk without variable lengths "
+                           f"(chunk_size >= steps, no lengths); got chunk_size={chunk_size} for {x.shape[0]} steps"
+                           f"{' and lengths' if lengths is not None else ''}")
+    out, h_n, c_n, workspace = dispatch.kernels(backend).lstm_layer_train(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)
+    return out, h_n, c_n, torch.stack([c0, c_n]), workspace
+
+
+def _whole_layer_backward(grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, x: Tensor, h0: Tensor,
+                          c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
+                          out: Tensor, c_chunks: Tensor, workspace: Tensor, reverse: bool, backend: str,
+                          output_mask: Sequence[bool]):
+    """The backward of :func:`_whole_layer_forward`; h_n is the output's last step in processing order."""
+    h_n = out[0] if reverse else out[-1]
+    grads = dispatch.kernels(backend).lstm_layer_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, out, h_n,
+                                                          c_chunks[-1], workspace, grad_out, grad_h_n, grad_c_n)
+    grads += (None,)  # weight_hr: the path declines projections
+    return tuple(g if wanted and g is not None else x.new_empty(EMPTY) for g, wanted in zip(grads, output_mask))
 
 
 # ----------------------------------------------------------------------------- backward
@@ -207,8 +237,12 @@ def _backward(cell: str, grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Optional[
     steps, batch = x.shape[0], x.shape[1]
     hidden = w_hh.shape[0] // spec.num_gates
     kern = dispatch.bound_kernels(backend, cell, x.dtype, batch, hidden, 0 if w_hr is None else w_hr.shape[0])
-    if getattr(kern, "inference_only", False):
-        raise RuntimeError(f"fastbptt backend {backend!r} runs layer inference only: it has no backward")
+    if getattr(kern, "whole_layer", False):
+        if recompute:
+            raise RuntimeError(f"fastbptt backend {backend!r} trains only keeping its workspace (recompute=False): "
+                               f"it cannot recompute a layer")
+        return _whole_layer_backward(grad_out, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, c_chunks,
+                                     gates, reverse, backend, output_mask)
     lstm, gru = spec.has_cell_state, spec.kernel == "gru"
     want_x, want_h0 = output_mask[0], output_mask[1]
     want_c0 = output_mask[2] if lstm else False
