@@ -404,24 +404,19 @@ def test_environment_names_the_heap_allocator():
     assert env["allocator"] in environment.describe(env)
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
-def test_lstm_allocator_script_runs_onednn_per_layer_as_torch_nn():
+@pytest.mark.skipif(bool(dispatch.availability("cpu")) or not torch.backends.mkldnn.is_available(),
+                    reason="needs the cpu backend and oneDNN")
+def test_lstm_allocator_script_times_every_candidate_and_names_the_default_path(monkeypatch):
     script = load_script("benchmarks/lstm_allocator.py")
-    torch.manual_seed(0)
-    ref = torch.nn.LSTM(8, 8, 2)
-    x = torch.randn(5, 3, 8, requires_grad=True)
-    grad = torch.randn(5, 3, 8)
-    results = []
-    for run in (lambda: ref(x)[0], lambda: script.onednn_stack(ref, x)):
-        for p in (*ref.parameters(), x):
-            p.grad = None
-        out = run()
-        out.backward(grad)
-        results.append([out.detach()] + [p.grad.clone() for p in (*ref.parameters(), x)])
-    for a, b in zip(*results):  # the same primitive as torch.nn's: the same numbers
-        assert torch.equal(a, b)
-    times = script.measure("2,8,5,2", 1)
-    assert set(times) == set(script.CANDIDATES) and all(t > 0 for t in times.values())
+    result = script.measure("2,8,5,2", 1)
+    assert set(result["times"]) == set(script.CANDIDATES) and all(t > 0 for t in result["times"].values())
+    monkeypatch.setattr(dispatch, "vector_isa", lambda backend: "avx512")  # small-batch takes B <= 2 on AVX2
+    for heap_reuses, path in ((False, "cpu:onednn"), (True, "cpu:onednn")):  # B=2: onednn either way
+        monkeypatch.setattr(dispatch, "heap_reuses_large_blocks", lambda: heap_reuses)
+        assert script.default_path(2, 8, 5) == path
+    for heap_reuses, path in ((False, "cpu:packed"), (True, "cpu:onednn")):
+        monkeypatch.setattr(dispatch, "heap_reuses_large_blocks", lambda: heap_reuses)
+        assert script.default_path(32, 8, 5) == path
 
 
 def test_compare_reports_status_changes_and_missing_records(tmp_path):
