@@ -281,6 +281,21 @@ def test_forced_onednn_declines_what_it_cannot_run(cell, grad, recompute, packed
 
 
 @needs_cpu
+def test_forced_onednn_keeps_its_workspace_under_auto_above_the_gate_budget(monkeypatch):
+    """recompute="auto" would recompute gates above AUTO_KEEP_GATES_BYTES; a named onednn path keeps its
+    workspace instead (it cannot recompute), as torch.nn does."""
+    monkeypatch.setattr(fastbptt.ops, "AUTO_KEEP_GATES_BYTES", 0)
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(3, 5)
+    fast = fastbptt.LSTM(3, 5, backend="cpu:onednn")
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 4, 3, requires_grad=True)
+    grads = [torch.autograd.grad(m(x)[0].sum(), (x, *m.parameters())) for m in (ref, fast)]
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@needs_cpu
 def test_the_op_refuses_what_the_onednn_path_cannot_train():
     """Called directly (not through a module, whose entry point raises first or sets the chunk size),
     the op refuses a backward that would recompute, and training in more than one chunk."""

@@ -57,13 +57,16 @@ def keeps_gates(recompute: bool | str, cell: str, steps: int, batch: int, hidden
 
 
 def layer_call(inference: bool, has_lengths: bool, recompute: bool | str, cell: str, steps: int, batch: int,
-               hidden: int, dtype: torch.dtype) -> str:
+               hidden: int, dtype: torch.dtype, backend: str = "") -> str:
     """The kind of layer call a whole-layer kernel path may take (:data:`dispatch.INFERENCE`,
-    :data:`dispatch.TRAIN_KEEP`), or '' for one it may not."""
+    :data:`dispatch.TRAIN_KEEP`), or '' for one it may not. ``recompute="auto"`` keeps the gates of a
+    ``backend`` that names a whole-layer path ("cpu:onednn") whatever their size: the path keeps them."""
     if has_lengths:
         return ""
     if inference:
         return dispatch.INFERENCE
+    if recompute == "auto" and dispatch.names_whole_layer_path(backend):
+        return dispatch.TRAIN_KEEP
     return dispatch.TRAIN_KEEP if keeps_gates(recompute, cell, steps, batch, hidden, dtype) else ""
 
 
@@ -157,7 +160,7 @@ def recurrent_layer(cell: str, x: Tensor, hx: Tensor, weight_ih: Tensor, weight_
     proj = out_size if weight_hr is not None else 0
     name = dispatch.resolve(backend, cell, x, hidden, proj)
     inference = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
-    call = layer_call(inference, lengths is not None, recompute, cell, steps, batch, hidden, x.dtype)
+    call = layer_call(inference, lengths is not None, recompute, cell, steps, batch, hidden, x.dtype, name)
     if (call or ":" in name) and not torch.compiler.is_compiling():
         # the kernel path for this call: a whole-layer path may take (or, forced, must have) a call that
         # layer_call names. Under torch.compile (sizes may be symbolic) the ops pick the path when they
