@@ -233,15 +233,21 @@ def _onednn_biases(x: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]) ->
     return b_ih, b_hh, True
 
 
+def _onednn_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                  b_hh: Optional[Tensor], reverse: bool, train: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One call of oneDNN's LSTM primitive over x: (output, h_n, c_n, workspace; empty unless ``train``)."""
+    b_ih, b_hh, has_bias = _onednn_biases(x, b_ih, b_hh)
+    return torch.ops.aten.mkldnn_rnn_layer(
+        x.contiguous(), w_ih.contiguous(), w_hh.contiguous(), b_ih, b_hh, h0.contiguous(), c0.contiguous(), reverse,
+        [], ONEDNN_LSTM_MODE, h0.shape[-1], 1, has_bias, False, False, train)
+
+
 def lstm_layer_chunk(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
                      b_hh: Optional[Tensor], out: Tensor) -> tuple[Tensor, Tensor]:
     """Inference of one chunk of an LSTM layer, input projection included, by oneDNN's LSTM primitive
     (the "onednn" path; what torch.nn's CPU LSTM runs). x: [C, B, I] in processing order; h0, c0: [B, H];
     writes out: [C, B, H]; returns (h_n, c_n)."""
-    b_ih, b_hh, has_bias = _onednn_biases(x, b_ih, b_hh)
-    output, h_n, c_n, _ = torch.ops.aten.mkldnn_rnn_layer(
-        x.contiguous(), w_ih.contiguous(), w_hh.contiguous(), b_ih, b_hh, h0.contiguous(), c0.contiguous(), False, [],
-        ONEDNN_LSTM_MODE, h0.shape[-1], 1, has_bias, False, False, False)
+    output, h_n, c_n, _ = _onednn_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, False, False)
     out.copy_(output)
     return h_n, c_n
 
@@ -252,11 +258,8 @@ def lstm_layer_train(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tens
     CPU LSTM runs it. x: [T, B, I] in time order; h0, c0: [B, H]; ``reverse`` runs the steps from T-1 down
     to 0. Returns (output [T, B, H] in time order, h_n, c_n, workspace): the workspace (uint8, about
     60 bytes per step, row and hidden unit: the gates and states oneDNN's backward reads) is the kept state."""
-    b_ih, b_hh, has_bias = _onednn_biases(x, b_ih, b_hh)
     with torch.enable_grad():  # the primitive returns its workspace only with grad mode on
-        return torch.ops.aten.mkldnn_rnn_layer(
-            x.contiguous(), w_ih.contiguous(), w_hh.contiguous(), b_ih, b_hh, h0.contiguous(), c0.contiguous(),
-            reverse, [], ONEDNN_LSTM_MODE, h0.shape[-1], 1, has_bias, False, False, True)
+        return _onednn_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, True)
 
 
 def lstm_layer_backward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
