@@ -166,8 +166,6 @@ def recurrent_layer(cell: str, x: Tensor, hx: Tensor, weight_ih: Tensor, weight_
         # layer_call names. Under torch.compile (sizes may be symbolic) the ops pick the path when they
         # run, among the paths that run any call; a forced whole-layer one runs as named
         name = dispatch.layer_kernel(name, cell, x.dtype, batch, hidden, proj, call)
-    if call == dispatch.TRAIN_KEEP and dispatch.names_whole_layer_path(name):
-        chunk_size, recompute = steps, False  # one call over the layer, its workspace kept
     if inference:
         # nothing is kept for a backward, so no gates are kept and the chunk size only sets the input
         # projection's buffer
@@ -175,6 +173,10 @@ def recurrent_layer(cell: str, x: Tensor, hx: Tensor, weight_ih: Tensor, weight_
         if x.device.type == "cpu":
             row_bytes = max(1, batch * spec.num_gates * hidden * x.element_size())
             chunk_size = max(1, min(steps, INFERENCE_CHUNK_BYTES // row_bytes))
+    elif call == dispatch.TRAIN_KEEP:  # layer_call decided: the gates are kept
+        recompute = False
+        if dispatch.names_whole_layer_path(name):
+            chunk_size = steps  # one call over the layer, its workspace kept
     else:
         recompute = not keeps_gates(recompute, cell, steps, batch, hidden, x.dtype)
     if spec.has_cell_state:
