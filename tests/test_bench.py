@@ -100,6 +100,19 @@ def test_records_name_the_kernel_path_and_a_forced_path_that_declines_is_unavail
     assert rec["status"] == "unavailable" and "the packed kernels take float32 and bfloat16" in rec["error"]
 
 
+@pytest.mark.skipif(bool(dispatch.availability("cpu")) or not torch.backends.mkldnn.is_available(),
+                    reason="needs the cpu backend and oneDNN")
+def test_a_forced_onednn_path_is_recorded_as_the_module_runs_it(monkeypatch):
+    """With recompute="auto" above the gate budget a named onednn path still trains, keeping its workspace
+    (the layer entry point's rule): the record names it and is not declined."""
+    import fastbptt.ops
+
+    monkeypatch.setattr(fastbptt.ops, "AUTO_KEEP_GATES_BYTES", 0)
+    recs = run(Case("lstm", "train", **TINY), [Candidate("fastbptt", "cpu:onednn", 2, "auto")], reps=1)
+    rec = recs["fastbptt[cpu:onednn,C=2,auto]"]
+    assert rec["status"] == "ok" and rec["notes"]["kernel_path"] == "onednn"
+
+
 @pytest.mark.parametrize("shape", [TINY, CELL_TINY], ids=["layer", "cell-loop"])
 def test_compile_failure_is_reported(monkeypatch, shape):
     def no_compile(*args, **kwargs):

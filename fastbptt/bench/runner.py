@@ -212,7 +212,7 @@ def build_bench(case: Case, cand: Candidate, module: nn.Module, x: Tensor, grad_
     try:  # the case itself (device, dtype, size, a forced path's capacity) may be declined
         notes["resolved_backend"] = resolved = dispatch.resolve(name, case.cell, x, case.hidden, 0)
         call = layer_call(case.mode == "infer", False, cand.recompute, case.cell, case.steps, case.batch, case.hidden,
-                          x.dtype)
+                          x.dtype, resolved)
         notes["kernel_path"] = dispatch.choose_path(resolved, case.cell, x.dtype, case.batch, case.hidden, 0,
                                                     call=call)
     except dispatch.BackendUnavailable as exc:
