@@ -1,5 +1,7 @@
 """The custom ops themselves: registration (opcheck), gradients (gradcheck and gradgradcheck in
 float64, torch.func transforms), torch.compile, the activation-memory bound, and random shapes (hypothesis)."""
+import functools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,7 +11,7 @@ import fastbptt
 from conftest import cpu_backends
 from fastbptt.bench.memory import saved_activation_bytes
 from fastbptt.nn import MODULE_OF_CELL, TORCH_MODULE_OF_CELL, cell_kwargs
-from fastbptt.ops import chunk_bounds
+from fastbptt.ops import chunk_bounds, library, recurrent_layer
 from helpers import Case, assert_compile_matches_eager, assert_parity
 
 CELLS = ["rnn_tanh", "rnn_relu", "gru", "lstm"]
@@ -35,6 +37,12 @@ def op_args(cell, backend, *, steps=5, batch=3, inp=4, hidden=5, proj=0, lengths
 
 def op(cell):
     return getattr(torch.ops.fastbptt, cell)
+
+
+def through(door, cell):
+    """The layer op of ``cell`` through a door: "op" (the registered op, as torch.compile, tensor subclasses
+    and dispatch modes see it) or "eager" (library.run_layer's plain eager path, which the modules take)."""
+    return op(cell) if door == "op" else functools.partial(library.run_layer, cell, needs_grad=True)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
@@ -88,12 +96,13 @@ def test_gradcheck_onednn_training_float32(reverse):
 @pytest.mark.parametrize("cell,proj", [("rnn_tanh", 0), ("rnn_relu", 0), ("gru", 0), ("lstm", 0), ("lstm", 3)])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("recompute", [True, False])
-def test_gradcheck_float64(backend, cell, proj, reverse, recompute):
+@pytest.mark.parametrize("door", ["op", "eager"])
+def test_gradcheck_float64(backend, cell, proj, reverse, recompute, door):
     args = op_args(cell, backend, steps=4, inp=3, hidden=3, proj=min(proj, 2), reverse=reverse, recompute=recompute)
     n_out = 3 if cell == "lstm" else 2  # differentiable outputs: output, h_n (, c_n)
 
     def f(*tensors):
-        return op(cell)(*tensors, *args[len(tensors):])[:n_out]
+        return through(door, cell)(*tensors, *args[len(tensors):])[:n_out]
 
     tensors = tuple(a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point())
     assert torch.autograd.gradcheck(f, tensors, eps=1e-6, atol=1e-7)
@@ -102,16 +111,67 @@ def test_gradcheck_float64(backend, cell, proj, reverse, recompute):
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("cell,proj", [("rnn_tanh", 0), ("rnn_relu", 0), ("gru", 0), ("lstm", 0), ("lstm", 2)])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_gradgradcheck_float64(backend, cell, proj, reverse):
+@pytest.mark.parametrize("door", ["op", "eager"])
+def test_gradgradcheck_float64(backend, cell, proj, reverse, door):
     """Second derivatives (create_graph=True): the backward is itself differentiable."""
     args = op_args(cell, backend, steps=3, batch=3, inp=2, hidden=2, proj=proj, reverse=reverse)
     n_out = 3 if cell == "lstm" else 2
 
     def f(*tensors):
-        return op(cell)(*tensors, *args[len(tensors):])[:n_out]
+        return through(door, cell)(*tensors, *args[len(tensors):])[:n_out]
 
     tensors = tuple(a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point())
     assert torch.autograd.gradgradcheck(f, tensors, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("recompute", [True, False])
+def test_eager_door_matches_the_op(backend, cell, recompute):
+    """In plain eager mode a layer call skips the dispatcher (library.run_layer): outputs and every gradient
+    are the registered op's bit for bit, and autograd records its own node."""
+    args = op_args(cell, backend, recompute=recompute, proj=3 if cell == "lstm" else 0, dtype=torch.float32)
+    tensors = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    n_out = 3 if cell == "lstm" else 2
+    results = {}
+    for door in ("op", "eager"):
+        outs = through(door, cell)(*args)[:n_out]
+        results[door] = outs + torch.autograd.grad(sum((o * o).sum() for o in outs), tensors)
+        results[door + " node"] = outs[0].grad_fn.name()
+    assert results["eager node"] == f"fastbptt_{cell}Backward"
+    assert results["op node"].startswith(f"GeneratedBackwardFor_fastbptt_{cell}")
+    for got, want in zip(results["eager"], results["op"]):
+        assert torch.equal(got, want)
+    with torch.no_grad():   # nothing needs a gradient: the implementation alone, no autograd node
+        assert library.run_layer(cell, *args, needs_grad=False)[0].grad_fn is None
+
+
+def test_modes_and_subclasses_see_the_op():
+    """A dispatch mode (FakeTensorMode, FlopCounterMode, profilers of operators) sees one fastbptt op per
+    layer call, not the ops it is made of, and so does a tensor subclass; plain eager calls take the eager door."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    x, h0 = torch.randn(4, 2, 3, requires_grad=True), torch.randn(2, 5)
+    weights = torch.randn(15, 3), torch.randn(15, 5)
+    with Record():
+        out, _ = recurrent_layer("gru", x, h0, *weights)
+    assert "fastbptt::gru" in seen
+    assert out.grad_fn.name().startswith("GeneratedBackwardFor_fastbptt_gru")
+    assert recurrent_layer("gru", x, h0, *weights)[0].grad_fn.name() == "fastbptt_gruBackward"
+
+    class Tagged(torch.Tensor):
+        pass
+
+    tagged = x.detach().as_subclass(Tagged).requires_grad_()
+    node = recurrent_layer("gru", tagged, h0, *weights)[0].grad_fn   # the subclass's alias of the op's output
+    assert node.next_functions[0][0].name().startswith("GeneratedBackwardFor_fastbptt_gru")
 
 
 @pytest.mark.parametrize("cell", CELLS)

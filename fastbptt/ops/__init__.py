@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import cells, dispatch, reference
-from . import library  # noqa: F401  (registers torch.ops.fastbptt.*)
+from . import library  # registers torch.ops.fastbptt.*
 from ..reference import valid_mask  # noqa: F401
 from .recurrence import chunk_bounds  # noqa: F401
 
@@ -180,11 +180,11 @@ def recurrent_layer(cell: str, x: Tensor, hx: Tensor, weight_ih: Tensor, weight_
     else:
         recompute = not keeps_gates(recompute, cell, steps, batch, hidden, x.dtype)
     if spec.has_cell_state:
-        out, h_n, c_n, _, _ = torch.ops.fastbptt.lstm(x, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-                                                      lengths, reverse, chunk_size, recompute, name)
+        out, h_n, c_n, _, _ = library.run_layer(cell, x, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+                                                lengths, reverse, chunk_size, recompute, name, needs_grad=not inference)
         return out, h_n, c_n
-    out, h_n, _ = getattr(torch.ops.fastbptt, cell)(x, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
-                                                     reverse, chunk_size, recompute, name)
+    out, h_n, _ = library.run_layer(cell, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse, chunk_size,
+                                    recompute, name, needs_grad=not inference)
     return out, h_n
 
 

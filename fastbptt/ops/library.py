@@ -164,7 +164,7 @@ def _define(cell: str) -> None:
         # [T, B, saved width] buffer per layer call; backward_formula fills in the state gradients it needs
         ctx.set_materialize_grads(False)
 
-    def backward_formula(ctx, *grads):
+    def backward_formula(ctx, *grads, eager: bool = False):
         saved = _saved_tensors(ctx, cell)
         diff, lengths, saved_outputs = saved[:n_grads], saved[n_grads], saved[n_grads + 1:]
         mask = [bool(m) and t is not None for m, t in zip(ctx.needs_input_grad[:n_grads], diff)]
@@ -176,11 +176,52 @@ def _define(cell: str) -> None:
         if torch.is_grad_enabled():  # a graph of the gradients is wanted: double backward
             result = _differentiable_backward(cell, diff, lengths, state_grads, mask, ctx.options[0])
         else:
-            op = getattr(torch.ops.fastbptt, f"{cell}_backward")
+            op = backward if eager and plain_eager(state_grads) else getattr(torch.ops.fastbptt, f"{cell}_backward")
             result = op(*state_grads, *diff, lengths, *saved_outputs, *ctx.options, mask)
         return tuple(g if m else None for g, m in zip(result, mask)) + (None,) * _N_OPTIONS
 
     torch.library.register_autograd(f"fastbptt::{cell}", backward_formula, setup_context=setup_context, lib=LIB)
+
+    # --- the eager door: the same implementation and formula without the dispatcher's round trips
+    def eager_forward(ctx, *inputs):
+        output = forward(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    def eager_backward(ctx, *grads):
+        return backward_formula(ctx, *grads, eager=True)
+
+    # named at creation, which names its autograd node: fastbptt_lstmBackward
+    function = type(f"fastbptt_{cell}", (torch.autograd.Function,),
+                    {"forward": staticmethod(eager_forward), "backward": staticmethod(eager_backward)})
+    _EAGER[cell] = (forward, function.apply)
+
+
+# cell -> (implementation, autograd.Function.apply) of the eager door (:func:`run_layer`)
+_EAGER: dict = {}
+
+
+def plain_eager(tensors) -> bool:
+    """Whether these tensors are plain ones in plain eager mode: no torch.compile, tracing, dispatch or
+    function mode, tensor subclass or device without kernels (meta), which all see the registered ops."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled() or torch.jit.is_tracing()):
+        return False
+    return all(t is None or (type(t) is Tensor or type(t) is torch.nn.Parameter) and t.device.type != "meta"
+               for t in tensors)
+
+
+def run_layer(cell: str, *args, needs_grad: bool):
+    """``torch.ops.fastbptt.<cell>(*args)``. In plain eager mode (:func:`plain_eager`) it runs the op's
+    implementation directly, through a ``torch.autograd.Function`` made of the op's own autograd formula
+    when ``needs_grad``: a layer call then pays no dispatcher round trips into Python (about 0.15 ms
+    per training call), as it costs at every layer of every step on short windows. Elsewhere it calls
+    the op, which torch.compile, subclasses and modes see as one operator."""
+    n_tensors = len(_DIFF_ARGS[cells.SPECS[cell].has_cell_state]) + 1   # + lengths
+    if not plain_eager(args[:n_tensors]):
+        return getattr(torch.ops.fastbptt, cell)(*args)
+    implementation, apply = _EAGER[cell]
+    return apply(*args) if needs_grad else implementation(*args)
 
 
 for _cell in cells.CELLS:
