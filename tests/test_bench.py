@@ -419,17 +419,28 @@ def test_environment_names_the_heap_allocator():
 
 @pytest.mark.skipif(bool(dispatch.availability("cpu")) or not torch.backends.mkldnn.is_available(),
                     reason="needs the cpu backend and oneDNN")
-def test_lstm_allocator_script_times_every_candidate_and_names_the_default_path(monkeypatch):
-    script = load_script("benchmarks/lstm_allocator.py")
-    result = script.measure("2,8,5,2", 1)
-    assert set(result["times"]) == set(script.CANDIDATES) and all(t > 0 for t in result["times"].values())
+@pytest.mark.parametrize("study,shape", [("paths", "lstm,2,8,5,2"), ("keep-budget", "gru,2,8,5,1")])
+def test_heap_settings_script_times_every_candidate(study, shape):
+    script = load_script("benchmarks/heap_settings.py")
+    result = script.measure(study, shape, 1)
+    assert set(result["times"]) == {"torch.nn", *script.STUDIES[study].fastbptt}
+    assert all(t > 0 for t in result["times"].values())
+
+
+@pytest.mark.skipif(bool(dispatch.availability("cpu")) or not torch.backends.mkldnn.is_available(),
+                    reason="needs the cpu backend and oneDNN")
+def test_heap_settings_script_names_the_default_path(monkeypatch):
+    script = load_script("benchmarks/heap_settings.py")
     monkeypatch.setattr(dispatch, "vector_isa", lambda backend: "avx512")  # small-batch takes B <= 2 on AVX2
     for heap_reuses, path in ((False, "cpu:onednn"), (True, "cpu:onednn")):  # B=2: onednn either way
         monkeypatch.setattr(dispatch, "heap_reuses_large_blocks", lambda: heap_reuses)
-        assert script.default_path(2, 8, 5) == path
-    for heap_reuses, path in ((False, "cpu:packed"), (True, "cpu:onednn")):
+        assert script.default_path("lstm", 2, 8, 5) == path
+    for heap_reuses, path in ((False, "cpu:packed, keep"), (True, "cpu:onednn")):
         monkeypatch.setattr(dispatch, "heap_reuses_large_blocks", lambda: heap_reuses)
-        assert script.default_path(32, 8, 5) == path
+        assert script.default_path("lstm", 32, 8, 5) == path
+    monkeypatch.setattr(fastbptt.ops, "AUTO_KEEP_GATES_BYTES", 0)
+    assert script.default_path("gru", 32, 8, 5) == "cpu:packed, recompute"
+    assert script.kept_gates_mib("gru", 32, 8, 5) == 5 * 32 * 6 * 8 * 4 / 2**20
 
 
 def test_compare_reports_status_changes_and_missing_records(tmp_path):
