@@ -19,11 +19,12 @@ DEFAULT_CHUNK_SIZE = 32
 MAX_CHUNK_SIZE = 2**63 - 1  # the ops take it as a C++ int64
 
 # The default memory policy, recompute="auto": keep a layer call's gate pre-activations when they take
-# at most this many bytes (per layer and direction), recompute them in the backward above it. Below
-# it keeping was the faster policy at every size measured (docs/cpu.md, Memory policies); above it,
-# writing the kept gates in the forward and reading them back costs more than the recompute products,
-# and the memory grows with the window: recompute keeps little more than the output.
-AUTO_KEEP_GATES_BYTES = 24 << 20
+# at most this many bytes (per layer and direction), recompute them in the backward above it. Keeping
+# was the faster policy at nearly every size measured, up to 128 MiB (docs/cpu.md, Memory policies), so
+# the line is drawn for memory: kept gates grow with the window, while recompute keeps little more than
+# the output. 64 MiB per layer covers the usual training windows (LSTM: T * B * H up to 4M) at a quarter
+# of the bytes torch.nn keeps for an LSTM.
+AUTO_KEEP_GATES_BYTES = 64 << 20
 
 # CPU inference keeps nothing for a backward, so its chunks only bound the input projection's buffer:
 # about this many bytes, reused by every chunk. Big enough for efficient products; small enough to
