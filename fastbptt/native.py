@@ -243,13 +243,12 @@ def _onednn_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
 
 
 def lstm_layer_chunk(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
-                     b_hh: Optional[Tensor], out: Tensor) -> tuple[Tensor, Tensor]:
+                     b_hh: Optional[Tensor], reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Inference of one chunk of an LSTM layer, input projection included, by oneDNN's LSTM primitive
-    (the "onednn" path; what torch.nn's CPU LSTM runs). x: [C, B, I] in processing order; h0, c0: [B, H];
-    writes out: [C, B, H]; returns (h_n, c_n)."""
-    output, h_n, c_n, _ = _onednn_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, False, False)
-    out.copy_(output)
-    return h_n, c_n
+    (the "onednn" path; what torch.nn's CPU LSTM runs). x: [C, B, I] in time order; h0, c0: [B, H];
+    ``reverse`` runs the steps from C-1 down to 0. Returns (output [C, B, H] in time order, h_n, c_n)."""
+    output, h_n, c_n, _ = _onednn_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, False)
+    return output, h_n, c_n
 
 
 def lstm_layer_train(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],

@@ -210,11 +210,18 @@ def test_the_rule_runs_onednn_for_the_calls_it_takes(monkeypatch, batch, grad, r
 @needs_cpu
 @pytest.mark.parametrize("kwargs", [dict(), dict(num_layers=2, bidirectional=True), dict(bias=False),
                                     dict(batch_first=True), dict(num_layers=2, dropout=0.5)])
-@pytest.mark.parametrize("chunk_bytes", [8 << 20, 3 * 9 * 4 * 7 * 4])  # default; 3 steps of [9, 4*7] float32
+@pytest.mark.parametrize("chunk_bytes", [16 << 20, 3 * 9 * 4 * 7 * 4])  # default; 3 steps of [9, 4*7] float32
 def test_onednn_inference_matches_torch_nn_and_the_reference(kwargs, chunk_bytes, monkeypatch):
     """Outputs and final states of the onednn path against torch.nn (the same primitive) and the
-    reference backend, over one chunk and over chunks of 3 steps (the carried state crosses them)."""
-    monkeypatch.setattr(fastbptt.ops, "INFERENCE_CHUNK_BYTES", chunk_bytes)
+    reference backend, over one chunk and over chunks of 3 steps (the carried state crosses them; the
+    reverse direction runs them from the last). Its chunks are sized by the whole-layer budget."""
+    from fastbptt import native
+
+    monkeypatch.setattr(fastbptt.ops, "WHOLE_LAYER_INFERENCE_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(fastbptt.ops, "INFERENCE_CHUNK_BYTES", 1 << 40)  # the other paths' budget: no say here
+    steps_run = []
+    chunk = native.lstm_layer_chunk
+    monkeypatch.setattr(native, "lstm_layer_chunk", lambda x, *a: steps_run.append(x.shape[0]) or chunk(x, *a))
     torch.manual_seed(0)
     ref = torch.nn.LSTM(6, 7, **kwargs).eval()
     fast = {b: fastbptt.LSTM(6, 7, **kwargs, backend=b).eval() for b in ("cpu:onednn", "reference")}
@@ -231,6 +238,7 @@ def test_onednn_inference_matches_torch_nn_and_the_reference(kwargs, chunk_bytes
             torch.testing.assert_close(out, expected[0], **tol)
             torch.testing.assert_close(h, expected[1][0], **tol)
             torch.testing.assert_close(c, expected[1][1], **tol)
+    assert steps_run == [11] * layers if chunk_bytes == 16 << 20 else [3, 3, 3, 2] * layers
 
 
 @needs_cpu

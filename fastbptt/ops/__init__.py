@@ -32,6 +32,10 @@ AUTO_KEEP_GATES_BYTES = 64 << 20
 # memory back call after call (a fresh multi-MiB buffer per call costs a page fault per 4 KiB). On a
 # GPU (a caching allocator, launches to save) inference stays one chunk.
 INFERENCE_CHUNK_BYTES = 8 << 20
+# A whole-layer path (oneDNN's LSTM primitive) projects and runs a chunk in one call, which has its own
+# costs (the weights reordered into oneDNN's layout): fewer, larger chunks, while its buffers stay below
+# the 32 MiB up to which glibc's heap reuses a block instead of mapping fresh pages (docs/cpu.md, Inference).
+WHOLE_LAYER_INFERENCE_CHUNK_BYTES = 16 << 20
 
 
 def check_chunk_size(chunk_size) -> int:
@@ -173,7 +177,8 @@ def recurrent_layer(cell: str, x: Tensor, hx: Tensor, weight_ih: Tensor, weight_
         chunk_size, recompute = steps, True
         if x.device.type == "cpu":
             row_bytes = max(1, batch * spec.num_gates * hidden * x.element_size())
-            chunk_size = max(1, min(steps, INFERENCE_CHUNK_BYTES // row_bytes))
+            budget = WHOLE_LAYER_INFERENCE_CHUNK_BYTES if dispatch.names_whole_layer_path(name) else INFERENCE_CHUNK_BYTES
+            chunk_size = max(1, min(steps, budget // row_bytes))
     elif call == dispatch.TRAIN_KEEP:  # layer_call decided: the gates are kept
         recompute = False
         if dispatch.names_whole_layer_path(name):

@@ -153,9 +153,12 @@ def _forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tenso
     steps, batch, _ = x.shape
     hidden = w_hh.shape[0] // spec.num_gates
     kern = dispatch.bound_kernels(backend, cell, x.dtype, batch, hidden, 0 if w_hr is None else w_hr.shape[0])
-    whole_layer = getattr(kern, "whole_layer", False)
-    if whole_layer and not recompute:
-        return _whole_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, chunk_size, backend)
+    if getattr(kern, "whole_layer", False):
+        if lengths is not None:
+            raise RuntimeError(f"fastbptt backend {backend!r} runs layers without variable lengths only")
+        if recompute:  # nothing kept: inference
+            return _whole_layer_inference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, chunk_size, backend)
+        return _whole_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, chunk_size, backend)
     valid = valid_mask(lengths, steps, reverse, x.device)
     out_p = x.new_empty(steps, batch, h0.shape[-1])
     width = 0 if recompute else spec.saved_width(hidden)
@@ -168,18 +171,8 @@ def _forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tenso
     # the cell state at every chunk boundary, the last one included
     c_chunks = x.new_empty(len(bounds) + 1, batch, hidden) if spec.has_cell_state else None
     gate_cols = spec.num_gates * hidden
-    # a whole-layer path (oneDNN's LSTM primitive) without kept gates runs inference: a whole chunk per call,
-    # input projection included (no variable lengths; the entry point checked that)
-    layer_chunk = dispatch.kernels(backend).lstm_layer_chunk if whole_layer else None
-    if layer_chunk is not None and valid is not None:
-        raise RuntimeError(f"fastbptt backend {backend!r} runs layers without variable lengths only")
-    gi_buf = (x.new_empty(bounds[0][1], batch, gate_cols) if gi_store is None and layer_chunk is None
-              else None)  # reused by every chunk
+    gi_buf = x.new_empty(bounds[0][1], batch, gate_cols) if gi_store is None else None  # reused by every chunk
     for k, (s0, s1) in enumerate(bounds):
-        if layer_chunk is not None:
-            c_chunks[k] = c
-            h, c = layer_chunk(time_slice(x, s0, s1, reverse), h, c, w_ih, w_hh, b_ih, b_hh, out_p[s0:s1])
-            continue
         # the input projection of the chunk, straight into the saved gates with recompute off
         gi = gi_store[s0:s1] if gi_store is not None else gi_buf[:s1 - s0]
         linear_into(gi, time_slice(x, s0, s1, reverse), w_ih, bias)
@@ -199,15 +192,36 @@ def _forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih: Tenso
     return out, h, gates
 
 
+def _whole_layer_inference(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+                           b_hh: Optional[Tensor], reverse: bool, chunk_size: int, backend: str):
+    """LSTM inference by a whole-layer path (oneDNN's primitive): one call per chunk, input projection
+    included, in time order (the primitive runs the reverse direction itself, so nothing is flipped). A
+    single chunk's output is the layer's, not copied; c_chunks holds the cell state at every chunk boundary."""
+    steps, batch = x.shape[0], x.shape[1]
+    bounds = chunk_bounds(steps, chunk_size)
+    run_chunk = dispatch.kernels(backend).lstm_layer_chunk
+    out = x.new_empty(steps, batch, h0.shape[-1]) if len(bounds) > 1 else None
+    c_chunks = x.new_empty(len(bounds) + 1, batch, c0.shape[-1])
+    h, c = h0, c0
+    for k, (s0, s1) in enumerate(bounds):
+        c_chunks[k] = c
+        t0, t1 = (steps - s1, steps - s0) if reverse else (s0, s1)  # the chunk's steps in time order
+        chunk_out, h, c = run_chunk(x[t0:t1], h, c, w_ih, w_hh, b_ih, b_hh, reverse)
+        if out is None:
+            out = chunk_out
+        else:
+            out[t0:t1] = chunk_out
+    c_chunks[-1] = c
+    return out, h, c, c_chunks, x.new_empty(EMPTY)
+
+
 def _whole_layer_forward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
-                         b_hh: Optional[Tensor], lengths: Optional[Tensor], reverse: bool, chunk_size: int,
-                         backend: str):
+                         b_hh: Optional[Tensor], reverse: bool, chunk_size: int, backend: str):
     """An LSTM layer trained by a whole-layer path (oneDNN's primitive): one call over all steps, its
     workspace kept in place of the gates; c_chunks holds the layer's first and last cell states."""
-    if lengths is not None or chunk_size < x.shape[0]:
-        raise RuntimeError(f"fastbptt backend {backend!r} trains a layer as one chunk without variable lengths "
-                           f"(chunk_size >= steps, no lengths); got chunk_size={chunk_size} for {x.shape[0]} steps"
-                           f"{' and lengths' if lengths is not None else ''}")
+    if chunk_size < x.shape[0]:
+        raise RuntimeError(f"fastbptt backend {backend!r} trains a layer as one chunk (chunk_size >= steps); got "
+                           f"chunk_size={chunk_size} for {x.shape[0]} steps")
     out, h_n, c_n, workspace = dispatch.kernels(backend).lstm_layer_train(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)
     return out, h_n, c_n, torch.stack([c0, c_n]), workspace
 
