@@ -5,7 +5,8 @@ workspace on every call, and fastbptt's kept gates are one buffer per layer call
 default settings a block above the mmap threshold (at most 32 MiB) comes as fresh pages that fault in
 on first touch; with the threshold raised ("raised": MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_
 at 1 GiB) such blocks stay in the heap from call to call. For each shape and setting, one process
-times its candidates interleaved, forward+backward with a fixed output gradient. Two studies:
+times its candidates in rounds of rotating order, forward+backward with a fixed output gradient.
+Two studies:
 
 - ``paths``: the LSTM under torch.nn, fastbptt's defaults (the rule picks the path, and the heap
   setting is part of the rule), and fastbptt forced to keep-gates on the packed path and to the onednn
@@ -28,7 +29,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from typing import NamedTuple
 
 import torch
@@ -69,9 +69,29 @@ def kept_gates_mib(cell: str, batch: int, hidden: int, steps: int) -> float:
     return steps * batch * cells.SPECS[cell].saved_width(hidden) * 4 / 2**20
 
 
+class _TrainingCall:
+    """One training call of a model (fastbptt.bench.timing.Timeable): forward, then backward with a fixed
+    output gradient, gradients dropped before each round."""
+    train = True
+
+    def __init__(self, model, x, grad):
+        self.model, self.x, self.grad = model, x, grad
+
+    def reset(self) -> None:
+        for p in (*self.model.parameters(), self.x):
+            p.grad = None
+
+    def forward(self):
+        return self.model(self.x)[0]
+
+    def backward(self, out) -> None:
+        out.backward(self.grad)
+
+
 def measure(study: str, shape: str, reps: int) -> dict:
-    """Median seconds of one training call per candidate, interleaved in this process, and the
-    default's kernel path."""
+    """Median seconds of one training call per candidate, timed in rounds of rotating order in this
+    process (fastbptt.bench.timing.interleaved, 2 warm-up rounds), and the default's kernel path."""
+    from fastbptt.bench import timing
     from fastbptt.nn import MODULE_OF_CELL, TORCH_MODULE_OF_CELL
 
     cell, *sizes = shape.split(",")
@@ -83,16 +103,11 @@ def measure(study: str, shape: str, reps: int) -> dict:
         models[name].load_state_dict(models["torch.nn"].state_dict())
     x = torch.randn(steps, batch, hidden, requires_grad=True)
     grad = torch.randn(steps, batch, hidden)
-    times = {name: [] for name in models}
-    for rnd in range(reps + 2):  # 2 warm-up rounds
-        for name, model in models.items():
-            for p in (*model.parameters(), x):
-                p.grad = None
-            start = time.perf_counter()
-            model(x)[0].backward(grad)
-            if rnd >= 2:
-                times[name].append(time.perf_counter() - start)
-    return {"times": {name: statistics.median(t) for name, t in times.items()},
+    samples = timing.interleaved({name: _TrainingCall(m, x, grad) for name, m in models.items()}, 2, reps, "cpu")
+    failed = {name: s.error for name, s in samples.items() if s.error}
+    if failed:
+        raise RuntimeError(f"{shape}: {failed}")
+    return {"times": {name: statistics.median(s.total) for name, s in samples.items()},
             "default_path": default_path(cell, batch, hidden, steps)}
 
 
