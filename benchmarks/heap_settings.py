@@ -131,7 +131,8 @@ def main() -> None:
     del env["allocator"]  # each row names its own setting
     print(f"{describe(env)}; {reps} interleaved rounds, medians\n")
     names = tuple(study.fastbptt)
-    print("| cell,B,H,T,layers | kept gates per layer | setting | torch.nn | " + " | ".join(names) + " | default's path |")
+    print("| cell,B,H,T,layers | kept gates per layer | setting | torch.nn | " + " | ".join(names)
+          + " | default's path |")
     print("|---|---|---|---|" + "---|" * (len(names) + 1))
     for shape in shapes:
         cell, batch, hidden, steps, _ = shape.split(",")

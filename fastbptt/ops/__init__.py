@@ -177,7 +177,8 @@ def recurrent_layer(cell: str, x: Tensor, hx: Tensor, weight_ih: Tensor, weight_
         chunk_size, recompute = steps, True
         if x.device.type == "cpu":
             row_bytes = max(1, batch * spec.num_gates * hidden * x.element_size())
-            budget = WHOLE_LAYER_INFERENCE_CHUNK_BYTES if dispatch.names_whole_layer_path(name) else INFERENCE_CHUNK_BYTES
+            whole_layer = dispatch.names_whole_layer_path(name)
+            budget = WHOLE_LAYER_INFERENCE_CHUNK_BYTES if whole_layer else INFERENCE_CHUNK_BYTES
             chunk_size = max(1, min(steps, budget // row_bytes))
     elif call == dispatch.TRAIN_KEEP:  # layer_call decided: the gates are kept
         recompute = False
