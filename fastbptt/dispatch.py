@@ -132,9 +132,9 @@ BACKENDS: dict[str, BackendSpec] = {
                        step_max_batch=1),
             # LSTM inference: measured as fast as torch.nn's oneDNN LSTM (it is the same primitive) where the
             # packed kernels were slower, from B=32 at every H and from B=8 at H <= 128. LSTM training that keeps
-            # its gates: 0.90-1.00x torch.nn where the heap reuses large blocks (packed 0.78-0.99x, never ahead),
-            # and at B=1 (0.97-1.01x; packed 0.81-0.84x, blas 0.96-0.97x); under glibc's defaults the packed
-            # kernels were ahead from B=8 but at one shape (docs/cpu.md)
+            # its gates: 0.95-1.00x torch.nn where the heap reuses large blocks (packed 0.83-0.99x, never ahead by
+            # more than 0.01), and at B=1 (0.96-1.01x; packed 0.84-0.96x, blas 0.96-0.97x); under glibc's
+            # defaults the packed kernels were ahead from B=8 but at one shape (docs/cpu.md)
             KernelPath("onednn", "oneDNN's fused LSTM primitive (aten::mkldnn_rnn_layer): inference one call per "
                                  "chunk, training one call per layer keeping its workspace",
                        single_step=False, auto_min_batch=32, small_hidden_min_batch=(128, 8), whole_layer=True,

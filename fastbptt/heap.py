@@ -5,7 +5,7 @@ about 60 bytes per step, row and hidden unit, on every call. Under glibc's defau
 above the mmap threshold (at most 32 MiB, raised only after a larger mapped block is freed) comes as
 fresh pages, each faulting in on first touch; allocators that keep freed blocks (jemalloc, tcmalloc,
 mimalloc, or glibc with its mmap and trim thresholds raised) hand it back without faults. That moved
-torch.nn's LSTM training time by up to 43% on one machine, and which of fastbptt's LSTM training
+torch.nn's LSTM training time by up to 1.5x on one machine, and which of fastbptt's LSTM training
 paths is the faster with it (docs/cpu.md).
 """
 from __future__ import annotations

@@ -411,7 +411,7 @@ def test_cli_writes_json_markdown_plots_and_compares(tmp_path, capsys):
 
 
 def test_environment_names_the_heap_allocator():
-    # the allocator's settings move torch.nn's CPU LSTM by up to 38%, so every CPU result names them
+    # the allocator's settings move torch.nn's CPU LSTM training by up to 1.5x, so every CPU result names them
     env = environment.environment("cpu")
     assert env["allocator"] == heap.describe()
     assert env["allocator"] in environment.describe(env)

@@ -171,18 +171,18 @@ def recurrent_layer(cell: str, x: Tensor, hx: Tensor, weight_ih: Tensor, weight_
         # layer_call names. Under torch.compile (sizes may be symbolic) the ops pick the path when they
         # run, among the paths that run any call; a forced whole-layer one runs as named
         name = dispatch.layer_kernel(name, cell, x.dtype, batch, hidden, proj, call)
+    whole_layer = dispatch.names_whole_layer_path(name)
     if inference:
         # nothing is kept for a backward, so no gates are kept and the chunk size only sets the input
         # projection's buffer
         chunk_size, recompute = steps, True
         if x.device.type == "cpu":
             row_bytes = max(1, batch * spec.num_gates * hidden * x.element_size())
-            whole_layer = dispatch.names_whole_layer_path(name)
             budget = WHOLE_LAYER_INFERENCE_CHUNK_BYTES if whole_layer else INFERENCE_CHUNK_BYTES
             chunk_size = max(1, min(steps, budget // row_bytes))
     elif call == dispatch.TRAIN_KEEP:  # layer_call decided: the gates are kept
         recompute = False
-        if dispatch.names_whole_layer_path(name):
+        if whole_layer:
             chunk_size = steps  # one call over the layer, its workspace kept
     else:
         recompute = not keeps_gates(recompute, cell, steps, batch, hidden, x.dtype)
