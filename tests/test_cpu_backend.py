@@ -319,6 +319,62 @@ def test_saturated_gates_are_exact(dtype, path):
     assert torch.equal(h, -torch.ones_like(h))
 
 
+TANH_MAX_ULP = 7  # csrc/cpu/cells/activation.h: tanh_act
+
+
+@pytest.mark.parametrize("path,batch", [("blas", 16), ("packed", 16), ("small-batch", 2)])
+def test_tanh_within_a_few_ulp(path, batch):
+    """The kernels' float32 tanh (read through an RNN step with W_hh = 0 and h0 = 0: out = tanh(pre))
+    is within TANH_MAX_ULP of the correctly rounded tanh from 1e-38 to past saturation, odd, exactly x
+    for tiny x and exactly +-1 where tanh rounds to 1."""
+    H = 64
+    magnitudes = torch.cat([torch.logspace(-38, 1.5, 40000, dtype=torch.float64),
+                            torch.linspace(0, 10, 25536, dtype=torch.float64)]).float()
+    x = torch.cat([magnitudes, -magnitudes])
+    steps = x.numel() // (batch * H)
+    x = x[:steps * batch * H].view(steps, batch, H)
+    out = torch.empty_like(x)
+    torch.ops.fastbptt.rnn_forward_chunk(x, torch.zeros(batch, H), torch.zeros(H, H), None, out, False, path)
+    exact = torch.tanh(x.double())
+    rounded = exact.float().abs()
+    ulp = torch.where(rounded == 1, 2.0 ** -24, torch.nextafter(rounded, torch.tensor(2.0)) - rounded).double()
+    err_ulp = ((out.double() - exact).abs() / ulp).max().item()
+    assert err_ulp <= TANH_MAX_ULP, f"tanh off by {err_ulp:.2f} ulp on the {path} path"
+    assert out.abs().max().item() <= 1.0
+    flat_x, flat_out = x.flatten(), out.flatten()
+    half = flat_x.numel() // 2  # the first half of x is the magnitudes, the second their negatives
+    assert torch.equal(flat_out[half:2 * half], -flat_out[:half])
+    tiny = flat_x.abs() < 1e-4
+    assert torch.equal(flat_out[tiny], flat_x[tiny])
+    saturated = flat_x.abs() >= 9.1
+    assert torch.equal(flat_out[saturated], flat_x[saturated].sign())
+
+
+def test_tanh_coefficients_come_from_the_fit():
+    """activation.h's tanh coefficients are those scripts/fit_tanh.py prints, and the fit is within
+    an ulp of tanh in float64 (its float32 accuracy: test_tanh_within_a_few_ulp)."""
+    import importlib.util
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("fit_tanh", root / "scripts" / "fit_tanh.py")
+    fit_tanh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fit_tanh)
+    p, q, error = fit_tanh.fit()
+    assert error < 1e-7
+    header = (root / "csrc" / "cpu" / "cells" / "activation.h").read_text()
+    body = header[header.index("float tanh_act(float x)"):]
+    body = body[:body.index("\n}\n")]
+    assert f"kClamp = {fit_tanh.CLAMP}f" in body
+
+    def horner(name):  # the constants of `name = c; name = name * s + c; ...`, highest degree first
+        terms = re.findall(rf"\b{name} = (?:{name} \* s )?([-+]?) ?([0-9.e+-]+)f;", body)
+        return [float(sign + value) for sign, value in terms][::-1]
+    assert horner("p") == pytest.approx(list(p), rel=1e-6)
+    assert horner("q") == pytest.approx(list(q), rel=1e-6)
+
+
 # ----------------------------------------------------------------------------- input checks
 
 @pytest.mark.parametrize("name,index,bad,message", CHUNK_OP_INPUT_ERRORS)

@@ -1,7 +1,7 @@
 // Gate activations of the CPU kernels, one element at a time (inlined into the row loops).
 //
-// float32: a branch-free exp (Cody-Waite range reduction and a degree-6 polynomial, about 1 ulp),
-// so the loops that call it vectorize; float64 uses libm.
+// float32: a branch-free exp (Cody-Waite range reduction and a degree-6 polynomial, about 1 ulp)
+// and a rational tanh, so the loops that call them vectorize; float64 uses libm.
 //
 // No activation returns a denormal on its clamped ranges: exp_f32 gives +inf above ~88.4, so
 // sigmoid there is exactly 0 (and 1, -1 or 1 at the other ends). This matters beyond the
@@ -47,11 +47,26 @@ FASTBPTT_INLINE float exp_f32(float x) {
 FASTBPTT_INLINE float sigmoid_act(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
 FASTBPTT_INLINE double sigmoid_act(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
+// tanh(x) = x P(x^2) / Q(x^2), a rational fit on |x| <= 9.02 (scripts/fit_tanh.py: relative error
+// 6.3e-8 in float64; in float32 at most 7 ulp over every float, exact at 0 and at saturation), with the
+// input clamped to 9.02, beyond which tanh rounds to 1. About twice as fast as (1 - e) / (1 + e) with
+// e = exp(-2|x|), and accurate in relative terms near 0, where that form cancels.
 FASTBPTT_INLINE float tanh_act(float x) {
-  const float a = x < 0.0f ? -x : x;
-  const float e = exp_f32(-2.0f * a);
-  const float t = (1.0f - e) / (1.0f + e);
-  return x < 0.0f ? -t : t;
+  constexpr float kClamp = 9.02f;
+  x = x < -kClamp ? -kClamp : (x > kClamp ? kClamp : x);
+  const float s = x * x;
+  float p = 1.8325783e-11f;
+  p = p * s - 1.28177207e-08f;
+  p = p * s + 9.28326032e-06f;
+  p = p * s + 0.00292280493f;
+  p = p * s + 0.129212678f;
+  p = p * s + 1.0f;
+  float q = 0.000228363432f;
+  q = q * s + 0.0237719307f;
+  q = q * s + 0.462545674f;
+  q = q * s + 1.0f;
+  const float t = x * p / q;
+  return t < -1.0f ? -1.0f : (t > 1.0f ? 1.0f : t);  // rounding puts a few values near 9 past 1
 }
 FASTBPTT_INLINE double tanh_act(double x) { return std::tanh(x); }
 
