@@ -126,9 +126,8 @@ void rnn_forward_packed_f32(const Tensor& pre_in, const Tensor& w_hh, const bool
 // The backward of a chunk, W_hh packed by columns: dh, dc (carried gradients, in place) enter as those of
 // the chunk's last state and leave as those of its first; d_gates, d_gi, d_gh: [C, B, G*H] written.
 // c_states: [C + 1, B, H] the LSTM's cell states; h_prev: [C, B, H] the GRU's previous states.
-void lstm_backward_packed_f32(const Tensor& gates, const Tensor& c_states, const Tensor& w_hh,
-                              const Tensor& grad_out, const bool* valid, const Tensor& dh, const Tensor& dc,
-                              const Tensor& d_gates);
+void lstm_backward_packed_f32(const Tensor& c_states, const Tensor& w_hh, const Tensor& grad_out,
+                              const bool* valid, const Tensor& dh, const Tensor& dc, const Tensor& d_gates);
 void rnn_backward_packed_f32(const Tensor& out, const Tensor& w_hh, const Tensor& grad_out, const bool* valid,
                              bool relu, const Tensor& dh, const Tensor& d_pre);
 void gru_backward_packed_f32(const Tensor& gi, const Tensor& gh, const Tensor& h_prev, const Tensor& w_hh,

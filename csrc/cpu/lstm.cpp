@@ -39,29 +39,36 @@ FASTBPTT_INLINE void lstm_forward_rows(const T* __restrict__ gates, T* __restric
 }
 
 // Cell-state scan of a chunk for one block of rows: c_states[t + 1] from c_states[t] and the
-// gates ([C, B, 4H]); m_all[t] = sigmoid(o_t) * tanh(c_{t+1}) when wanted (projection).
+// gates ([C, B, 4H]); act[t] = the activated gates [i, f, g, o] of the valid rows, which the backward
+// steps read (from d_gates, in place of their gradients) instead of evaluating them a second time;
+// m_all[t] = o_t * tanh(c_{t+1}) when wanted (projection).
 template <typename T>
-FASTBPTT_INLINE void lstm_scan_rows(const T* __restrict__ gates, T* __restrict__ c_states, T* __restrict__ m_all,
-                                    const bool* valid, int64_t steps, int64_t batch, int64_t H, int64_t b0,
-                                    int64_t b1) {
+FASTBPTT_INLINE void lstm_scan_rows(const T* __restrict__ gates, T* __restrict__ c_states, T* __restrict__ act,
+                                    T* __restrict__ m_all, const bool* valid, int64_t steps, int64_t batch, int64_t H,
+                                    int64_t b0, int64_t b1) {
   for (int64_t t = 0; t < steps; ++t) {
     for (int64_t b = b0; b < b1; ++b) {
       const T* __restrict__ cp = c_states + (t * batch + b) * H;
       T* __restrict__ cn = c_states + ((t + 1) * batch + b) * H;
       const T* __restrict__ g = gates + (t * batch + b) * 4 * H;
+      T* __restrict__ a = act + (t * batch + b) * 4 * H;
       if (valid != nullptr && !valid[t * batch + b]) {
         for (int64_t j = 0; j < H; ++j) cn[j] = cp[j];
         if (m_all != nullptr)
           for (int64_t j = 0; j < H; ++j) m_all[(t * batch + b) * H + j] = T(0);
         continue;
       }
-      // two loops, so that the scan without m computes no o gate (the compiler drops what is unused)
-      for (int64_t j = 0; j < H; ++j)
-        cn[j] = lstm::next_cell(lstm::gates(g[j], g[H + j], g[2 * H + j], g[3 * H + j]), cp[j]);
-      if (m_all != nullptr) {
+      for (int64_t j = 0; j < H; ++j) {
+        const auto q = lstm::gates(g[j], g[H + j], g[2 * H + j], g[3 * H + j]);
+        a[j] = q.i;
+        a[H + j] = q.f;
+        a[2 * H + j] = q.g;
+        a[3 * H + j] = q.o;
+        cn[j] = lstm::next_cell(q, cp[j]);
+      }
+      if (m_all != nullptr) {  // a loop of its own, so that the scan's loop above stays branch-free
         T* __restrict__ mb = m_all + (t * batch + b) * H;
-        for (int64_t j = 0; j < H; ++j)
-          mb[j] = lstm::hidden(lstm::gates(g[j], g[H + j], g[2 * H + j], g[3 * H + j]), cn[j]);
+        for (int64_t j = 0; j < H; ++j) mb[j] = a[3 * H + j] * tanh_act(cn[j]);
       }
     }
   }
@@ -70,20 +77,19 @@ FASTBPTT_INLINE void lstm_scan_rows(const T* __restrict__ gates, T* __restrict__
 // One backward step for a block of rows. dm: [B, H] gradient of m; with a projection it holds
 // dh_t W_hr already, without one (from_dh) it is formed here as dh + grad_out and the valid
 // rows of dh: [B, H] are zeroed for the recurrent product that follows. dc: [B, H] carried,
-// updated in place; d_gates: [B, 4H].
+// updated in place; d_gates: [B, 4H], the activated gates from the scan on entry (valid rows),
+// their pre-activations' gradients on exit.
 template <typename T>
-FASTBPTT_INLINE void lstm_backward_rows(const T* __restrict__ gates, const T* __restrict__ c_prev,
-                                        const T* __restrict__ c_new, T* __restrict__ dm, bool from_dh,
-                                        const T* __restrict__ grad_out, T* __restrict__ dh, T* __restrict__ dc,
-                                        T* __restrict__ d_gates, const bool* valid, int64_t H, int64_t b0,
-                                        int64_t b1) {
+FASTBPTT_INLINE void lstm_backward_rows(const T* __restrict__ c_prev, const T* __restrict__ c_new,
+                                        T* __restrict__ dm, bool from_dh, const T* __restrict__ grad_out,
+                                        T* __restrict__ dh, T* __restrict__ dc, T* __restrict__ d_gates,
+                                        const bool* valid, int64_t H, int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
     T* __restrict__ dg = d_gates + b * 4 * H;
     if (valid != nullptr && !valid[b]) {  // padding: no gate gradient, dh and dc pass through
       for (int64_t j = 0; j < 4 * H; ++j) dg[j] = T(0);
       continue;
     }
-    const T* __restrict__ g = gates + b * 4 * H;
     const T* __restrict__ cp = c_prev + b * H;
     const T* __restrict__ cb = c_new + b * H;
     T* __restrict__ dcb = dc + b * H;
@@ -97,7 +103,7 @@ FASTBPTT_INLINE void lstm_backward_rows(const T* __restrict__ gates, const T* __
       }
     }
     for (int64_t j = 0; j < H; ++j) {
-      const auto q = lstm::gates(g[j], g[H + j], g[2 * H + j], g[3 * H + j]);
+      const lstm::Gates<T> q{dg[j], dg[H + j], dg[2 * H + j], dg[3 * H + j]};
       const auto d = lstm::grads(q, cp[j], cb[j], dmb[j], dcb[j]);
       dg[j] = d.i;
       dg[H + j] = d.f;
@@ -132,14 +138,15 @@ FASTBPTT_CLONES void lstm_forward_rows_f32(const float* gates, float* c, float* 
                                            int64_t H, int64_t b0, int64_t b1) {
   lstm_forward_rows<float>(gates, c, m, out, valid, H, b0, b1);
 }
-FASTBPTT_CLONES void lstm_scan_rows_f32(const float* gates, float* c_states, float* m_all, const bool* valid,
-                                        int64_t steps, int64_t batch, int64_t H, int64_t b0, int64_t b1) {
-  lstm_scan_rows<float>(gates, c_states, m_all, valid, steps, batch, H, b0, b1);
+FASTBPTT_CLONES void lstm_scan_rows_f32(const float* gates, float* c_states, float* act, float* m_all,
+                                        const bool* valid, int64_t steps, int64_t batch, int64_t H, int64_t b0,
+                                        int64_t b1) {
+  lstm_scan_rows<float>(gates, c_states, act, m_all, valid, steps, batch, H, b0, b1);
 }
-FASTBPTT_CLONES void lstm_backward_rows_f32(const float* gates, const float* c_prev, const float* c_new,
-                                            float* dm, bool from_dh, const float* grad_out, float* dh, float* dc,
-                                            float* d_gates, const bool* valid, int64_t H, int64_t b0, int64_t b1) {
-  lstm_backward_rows<float>(gates, c_prev, c_new, dm, from_dh, grad_out, dh, dc, d_gates, valid, H, b0, b1);
+FASTBPTT_CLONES void lstm_backward_rows_f32(const float* c_prev, const float* c_new, float* dm, bool from_dh,
+                                            const float* grad_out, float* dh, float* dc, float* d_gates,
+                                            const bool* valid, int64_t H, int64_t b0, int64_t b1) {
+  lstm_backward_rows<float>(c_prev, c_new, dm, from_dh, grad_out, dh, dc, d_gates, valid, H, b0, b1);
 }
 
 void forward_rows(const float* gates, float* c, float* m, float* out, const bool* valid, int64_t H, int64_t b0,
@@ -150,23 +157,21 @@ void forward_rows(const double* gates, double* c, double* m, double* out, const 
                   int64_t b1) {
   lstm_forward_rows<double>(gates, c, m, out, valid, H, b0, b1);
 }
-void scan_rows(const float* gates, float* c_states, float* m_all, const bool* valid, int64_t steps, int64_t batch,
-               int64_t H, int64_t b0, int64_t b1) {
-  lstm_scan_rows_f32(gates, c_states, m_all, valid, steps, batch, H, b0, b1);
-}
-void scan_rows(const double* gates, double* c_states, double* m_all, const bool* valid, int64_t steps,
+void scan_rows(const float* gates, float* c_states, float* act, float* m_all, const bool* valid, int64_t steps,
                int64_t batch, int64_t H, int64_t b0, int64_t b1) {
-  lstm_scan_rows<double>(gates, c_states, m_all, valid, steps, batch, H, b0, b1);
+  lstm_scan_rows_f32(gates, c_states, act, m_all, valid, steps, batch, H, b0, b1);
 }
-void backward_rows(const float* gates, const float* c_prev, const float* c_new, float* dm, bool from_dh,
-                   const float* grad_out, float* dh, float* dc, float* d_gates, const bool* valid, int64_t H,
-                   int64_t b0, int64_t b1) {
-  lstm_backward_rows_f32(gates, c_prev, c_new, dm, from_dh, grad_out, dh, dc, d_gates, valid, H, b0, b1);
+void scan_rows(const double* gates, double* c_states, double* act, double* m_all, const bool* valid, int64_t steps,
+               int64_t batch, int64_t H, int64_t b0, int64_t b1) {
+  lstm_scan_rows<double>(gates, c_states, act, m_all, valid, steps, batch, H, b0, b1);
 }
-void backward_rows(const double* gates, const double* c_prev, const double* c_new, double* dm, bool from_dh,
-                   const double* grad_out, double* dh, double* dc, double* d_gates, const bool* valid, int64_t H,
-                   int64_t b0, int64_t b1) {
-  lstm_backward_rows<double>(gates, c_prev, c_new, dm, from_dh, grad_out, dh, dc, d_gates, valid, H, b0, b1);
+void backward_rows(const float* c_prev, const float* c_new, float* dm, bool from_dh, const float* grad_out, float* dh,
+                   float* dc, float* d_gates, const bool* valid, int64_t H, int64_t b0, int64_t b1) {
+  lstm_backward_rows_f32(c_prev, c_new, dm, from_dh, grad_out, dh, dc, d_gates, valid, H, b0, b1);
+}
+void backward_rows(const double* c_prev, const double* c_new, double* dm, bool from_dh, const double* grad_out,
+                   double* dh, double* dc, double* d_gates, const bool* valid, int64_t H, int64_t b0, int64_t b1) {
+  lstm_backward_rows<double>(c_prev, c_new, dm, from_dh, grad_out, dh, dc, d_gates, valid, H, b0, b1);
 }
 
 // ----------------------------------------------------------------------------- chunk loops
@@ -235,23 +240,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward_impl(const Tensor& gate
                                                               StepPath path) {
   const int64_t steps = gates.size(0), batch = gates.size(1), H = c0.size(1), P = grad_h_n.size(1);
   const bool proj = w_hr.has_value();
-  // c_states[t] is the cell state step t started from; m_all only with a projection
+  // c_states[t] is the cell state step t started from; m_all only with a projection; d_gates holds the
+  // activated gates until each step's backward overwrites them with their gradients
   Tensor c_states = at::empty({steps + 1, batch, H}, gates.options());
   c_states.select(0, 0).copy_(c0);
   Tensor m_all = proj ? at::empty({steps, batch, H}, gates.options()) : Tensor();
+  Tensor d_gates = at::empty_like(gates);
   {
     const T* p_g = gates.data_ptr<T>();
     T* p_c = c_states.data_ptr<T>();
+    T* p_a = d_gates.data_ptr<T>();
     T* p_m = proj ? m_all.data_ptr<T>() : nullptr;
     at::parallel_for(0, batch, row_grain(4 * H * steps), [&](int64_t b0, int64_t b1) {
-      scan_rows(p_g, p_c, p_m, valid, steps, batch, H, b0, b1);
+      scan_rows(p_g, p_c, p_a, p_m, valid, steps, batch, H, b0, b1);
     });
   }
-  Tensor d_gates = at::empty_like(gates);
   Tensor dh = grad_h_n.clone(), dc = grad_c_n.clone();
   if constexpr (std::is_same_v<T, float>) {
     if (path == StepPath::packed) {  // never with a projection: the op checks
-      lstm_backward_packed_f32(gates, c_states, w_hh, grad_out, valid, dh, dc, d_gates);
+      lstm_backward_packed_f32(c_states, w_hh, grad_out, valid, dh, dc, d_gates);
       return {d_gates, dh, dc, at::empty({0}, gates.options())};
     }
   }
@@ -269,14 +276,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_backward_impl(const Tensor& gate
       });
       at::mm_out(dm, dh_all.select(0, t), *w_hr);
     }
-    const T* p_g = gates.data_ptr<T>() + t * batch * 4 * H;
     const T* p_cp = c_states.data_ptr<T>() + t * batch * H;
     const T* p_cn = p_cp + batch * H;
     T* p_dm = dm.data_ptr<T>();
     T* p_dc = dc.data_ptr<T>();
     T* p_dg = d_gates.data_ptr<T>() + t * batch * 4 * H;
     at::parallel_for(0, batch, grain, [&](int64_t b0, int64_t b1) {
-      backward_rows(p_g, p_cp, p_cn, p_dm, !proj, p_go, p_dh, p_dc, p_dg, v, H, b0, b1);
+      backward_rows(p_cp, p_cn, p_dm, !proj, p_go, p_dh, p_dc, p_dg, v, H, b0, b1);
     });
     // valid rows of dh were zeroed, padded rows have d_gates = 0 and keep dh
     recurrent_mm_acc(dh, d_gates.select(0, t), w_hh, path == StepPath::small_batch);

@@ -385,12 +385,11 @@ FASTBPTT_INLINE void zero_gates(float* __restrict__ dg, int64_t H, int64_t G, in
 // Gate gradients of one row over a slice's nu units (gates H apart), written as functions with restrict
 // parameters so that GCC vectorizes them (the GRU's is gru::backward_units). dh enters as dL/dh_t less
 // grad_out and leaves as the part of dL/dh_{t-1} that does not go through W_hh.
-FASTBPTT_INLINE void lstm_back_units(const float* __restrict__ g, const float* __restrict__ cp,
-                                     const float* __restrict__ cn, const float* __restrict__ go,
-                                     float* __restrict__ dh, float* __restrict__ dc, float* __restrict__ dg,
-                                     int64_t H, int64_t nu) {
+FASTBPTT_INLINE void lstm_back_units(const float* __restrict__ cp, const float* __restrict__ cn,
+                                     const float* __restrict__ go, float* __restrict__ dh, float* __restrict__ dc,
+                                     float* __restrict__ dg, int64_t H, int64_t nu) {
   for (int64_t j = 0; j < nu; ++j) {
-    const auto q = lstm::gates(g[j], g[H + j], g[2 * H + j], g[3 * H + j]);
+    const lstm::Gates<float> q{dg[j], dg[H + j], dg[2 * H + j], dg[3 * H + j]};
     const auto d = lstm::grads(q, cp[j], cn[j], dh[j] + go[j], dc[j]);
     dg[j] = d.i;
     dg[H + j] = d.f;
@@ -410,15 +409,15 @@ FASTBPTT_INLINE void rnn_back_units(const float* __restrict__ out, const float* 
   }
 }
 
-// LSTM (no projection), step t of a slice. dg_next: [B, 4H] or null; g, dg: [B, 4H] this step's
-// pre-activations and their gradients (null at t = -1); cp, cn: [B, H] cell states before and after;
-// go: [B, H] grad_out; dh, dc: [B, H] carried.
+// LSTM (no projection), step t of a slice. dg_next: [B, 4H] or null; dg: [B, 4H] this step's activated
+// gates on entry (the cell-state scan leaves them there), their pre-activations' gradients on exit (null at
+// t = -1); cp, cn: [B, H] cell states before and after; go: [B, H] grad_out; dh, dc: [B, H] carried.
 template <class Blocking>
-FASTBPTT_INLINE void lstm_slice_back_step(const Slice& s, const float* dg_next, const float* g, const float* cp,
-                                          const float* cn, const float* go, float* dh, float* dc, float* dg,
-                                          const bool* valid, int64_t B, int64_t H) {
+FASTBPTT_INLINE void lstm_slice_back_step(const Slice& s, const float* dg_next, const float* cp, const float* cn,
+                                          const float* go, float* dh, float* dc, float* dg, const bool* valid,
+                                          int64_t B, int64_t H) {
   if (dg_next != nullptr) add_recurrent_grad<Blocking>(s, dg_next, 4 * H, dh, B, H);
-  if (g == nullptr) return;
+  if (dg == nullptr) return;
   const int64_t nu = s.nu, u0 = s.u0;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t o4 = b * 4 * H + u0, o = b * H + u0;
@@ -426,7 +425,7 @@ FASTBPTT_INLINE void lstm_slice_back_step(const Slice& s, const float* dg_next, 
       zero_gates(dg + o4, H, 4, nu);
       continue;
     }
-    lstm_back_units(g + o4, cp + o, cn + o, go + o, dh + o, dc + o, dg + o4, H, nu);
+    lstm_back_units(cp + o, cn + o, go + o, dh + o, dc + o, dg + o4, H, nu);
   }
 }
 
@@ -478,8 +477,8 @@ struct SliceKernels {
                     int64_t);
   void (*gru_step)(const Slice&, const float*, const float*, const float*, float*, float*, float*, const bool*,
                    int64_t, int64_t);
-  void (*lstm_back_step)(const Slice&, const float*, const float*, const float*, const float*, const float*, float*,
-                         float*, float*, const bool*, int64_t, int64_t);
+  void (*lstm_back_step)(const Slice&, const float*, const float*, const float*, const float*, float*, float*, float*,
+                         const bool*, int64_t, int64_t);
   void (*gru_back_step)(const Slice&, const float*, const float*, const float*, const float*, const float*, float*,
                         float*, float*, const bool*, int64_t, int64_t);
   void (*rnn_step)(const Slice&, const float*, const float*, float*, float*, const bool*, bool, int64_t, int64_t);
@@ -497,10 +496,10 @@ struct SliceKernels {
                             float* out, float* ghout, const bool* valid, int64_t B, int64_t H) {               \
     gru_slice_step<BLOCKING>(s, gi, bh, hp, hn, out, ghout, valid, B, H);                                      \
   }                                                                                                             \
-  ATTR void NAME##_lstm_back_step(const Slice& s, const float* dg_next, const float* g, const float* cp,        \
-                                  const float* cn, const float* go, float* dh, float* dc, float* dg,            \
-                                  const bool* valid, int64_t B, int64_t H) {                                    \
-    lstm_slice_back_step<BLOCKING>(s, dg_next, g, cp, cn, go, dh, dc, dg, valid, B, H);                        \
+  ATTR void NAME##_lstm_back_step(const Slice& s, const float* dg_next, const float* cp, const float* cn,       \
+                                  const float* go, float* dh, float* dc, float* dg, const bool* valid,          \
+                                  int64_t B, int64_t H) {                                                       \
+    lstm_slice_back_step<BLOCKING>(s, dg_next, cp, cn, go, dh, dc, dg, valid, B, H);                           \
   }                                                                                                             \
   ATTR void NAME##_gru_back_step(const Slice& s, const float* dgh_next, const float* gi, const float* gh,       \
                                  const float* hp, const float* go, float* dh, float* dgi, float* dgh,           \
@@ -632,12 +631,10 @@ void rnn_forward_packed_f32(const Tensor& pre_in, const Tensor& w_hh, const bool
               });
 }
 
-void lstm_backward_packed_f32(const Tensor& gates, const Tensor& c_states, const Tensor& w_hh,
-                              const Tensor& grad_out, const bool* valid, const Tensor& dh, const Tensor& dc,
-                              const Tensor& d_gates) {
-  const int64_t steps = gates.size(0), B = gates.size(1), H = dc.size(1);
+void lstm_backward_packed_f32(const Tensor& c_states, const Tensor& w_hh, const Tensor& grad_out, const bool* valid,
+                              const Tensor& dh, const Tensor& dc, const Tensor& d_gates) {
+  const int64_t steps = d_gates.size(0), B = d_gates.size(1), H = dc.size(1);
   const auto step = slice_kernels().lstm_back_step;
-  const float* p_g = gates.data_ptr<float>();
   const float* p_c = c_states.data_ptr<float>();
   const float* p_go = grad_out.data_ptr<float>();
   float* p_dh = dh.data_ptr<float>();
@@ -646,8 +643,8 @@ void lstm_backward_packed_f32(const Tensor& gates, const Tensor& c_states, const
   const int64_t g4 = B * 4 * H, g1 = B * H;
   run_backward(Packed(w_hh.data_ptr<float>(), PackLayout::by_units, 4, H, B), steps, p_dg, g4,
                [&](const Slice& s, int64_t t, const float* next) {
-                 step(s, next, at_step(p_g, t, g4), at_step(p_c, t, g1), at_step(p_c, t + 1, g1), at_step(p_go, t, g1),
-                      p_dh, p_dc, at_step(p_dg, t, g4), t >= 0 ? valid_row(valid, t, B) : nullptr, B, H);
+                 step(s, next, at_step(p_c, t, g1), at_step(p_c, t + 1, g1), at_step(p_go, t, g1), p_dh, p_dc,
+                      at_step(p_dg, t, g4), t >= 0 ? valid_row(valid, t, B) : nullptr, B, H);
                });
 }
 
