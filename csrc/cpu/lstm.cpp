@@ -60,15 +60,12 @@ FASTBPTT_INLINE void lstm_scan_rows(const T* __restrict__ gates, T* __restrict__
       }
       for (int64_t j = 0; j < H; ++j) {
         const auto q = lstm::gates(g[j], g[H + j], g[2 * H + j], g[3 * H + j]);
-        a[j] = q.i;
-        a[H + j] = q.f;
-        a[2 * H + j] = q.g;
-        a[3 * H + j] = q.o;
+        lstm::store(q, a, H, j);
         cn[j] = lstm::next_cell(q, cp[j]);
       }
       if (m_all != nullptr) {  // a loop of its own, so that the scan's loop above stays branch-free
         T* __restrict__ mb = m_all + (t * batch + b) * H;
-        for (int64_t j = 0; j < H; ++j) mb[j] = a[3 * H + j] * tanh_act(cn[j]);
+        for (int64_t j = 0; j < H; ++j) mb[j] = lstm::hidden(lstm::load(a, H, j), cn[j]);
       }
     }
   }
@@ -103,8 +100,7 @@ FASTBPTT_INLINE void lstm_backward_rows(const T* __restrict__ c_prev, const T* _
       }
     }
     for (int64_t j = 0; j < H; ++j) {
-      const lstm::Gates<T> q{dg[j], dg[H + j], dg[2 * H + j], dg[3 * H + j]};
-      const auto d = lstm::grads(q, cp[j], cb[j], dmb[j], dcb[j]);
+      const auto d = lstm::grads(lstm::load(dg, H, j), cp[j], cb[j], dmb[j], dcb[j]);
       dg[j] = d.i;
       dg[H + j] = d.f;
       dg[2 * H + j] = d.g;

@@ -389,8 +389,7 @@ FASTBPTT_INLINE void lstm_back_units(const float* __restrict__ cp, const float* 
                                      const float* __restrict__ go, float* __restrict__ dh, float* __restrict__ dc,
                                      float* __restrict__ dg, int64_t H, int64_t nu) {
   for (int64_t j = 0; j < nu; ++j) {
-    const lstm::Gates<float> q{dg[j], dg[H + j], dg[2 * H + j], dg[3 * H + j]};
-    const auto d = lstm::grads(q, cp[j], cn[j], dh[j] + go[j], dc[j]);
+    const auto d = lstm::grads(lstm::load(dg, H, j), cp[j], cn[j], dh[j] + go[j], dc[j]);
     dg[j] = d.i;
     dg[H + j] = d.f;
     dg[2 * H + j] = d.g;

@@ -8,6 +8,8 @@
 
 #include "activation.h"
 
+#include <cstdint>
+
 namespace fastbptt {
 namespace cpu {
 namespace lstm {
@@ -20,6 +22,21 @@ struct Gates {
 template <typename T>
 FASTBPTT_INLINE Gates<T> gates(T pre_i, T pre_f, T pre_g, T pre_o) {
   return {sigmoid_act(pre_i), sigmoid_act(pre_f), tanh_act(pre_g), sigmoid_act(pre_o)};
+}
+
+// Activated gates kept in a row of 4H values, [i, f, g, o] H apart (the backward's d_gates, filled by
+// the cell-state scan and read by every backward step): unit j's written and read back
+template <typename T>
+FASTBPTT_INLINE void store(const Gates<T>& a, T* row, int64_t H, int64_t j) {
+  row[j] = a.i;
+  row[H + j] = a.f;
+  row[2 * H + j] = a.g;
+  row[3 * H + j] = a.o;
+}
+
+template <typename T>
+FASTBPTT_INLINE Gates<T> load(const T* row, int64_t H, int64_t j) {
+  return {row[j], row[H + j], row[2 * H + j], row[3 * H + j]};
 }
 
 template <typename T>
